@@ -1,0 +1,1 @@
+"""A mass-mail batch sender that mails every recipient of a list exactly once."""

@@ -1,0 +1,137 @@
+"""The loader: reads the list and puts every recipient still to mail into the broker.
+
+It reads the whole list on every run (so duplicates and bad rows are found again and
+reported), skips recipients the sent-log has settled, and publishes the rest in AMQP
+transactions of `batch_size`. After each committed batch it fsyncs a checkpoint (the
+last row the broker holds), so a rerun publishes only rows past it, unless the broker
+holds nothing of the campaign any more, in which case everything unsettled goes in again.
+Publishing a recipient twice is harmless: the worker's claim drops the second copy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from batch.broker import Broker
+from batch.recipients import Recipient, RecipientList, Rejection
+from batch.sentlog import safe_cell
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadCounts:
+    """What the loader has seen so far."""
+
+    rows: int = 0
+    rejected: int = 0
+    settled: int = 0  # settled in an earlier run
+    published: int = 0
+    done: bool = False
+
+
+class Loader:
+    """Publish a list's unsettled recipients; run in a thread of the launcher."""
+
+    def __init__(
+        self,
+        recipients: RecipientList,
+        broker: Broker,
+        campaign_dir: Path,
+        *,
+        is_settled: Callable[[str], bool],
+        on_pending: Callable[[str], None],
+        publish_all: bool,
+        batch_size: int = 500,
+    ) -> None:
+        self.recipients = recipients
+        self.broker = broker
+        self.checkpoint = campaign_dir / "loaded.json"
+        self.rejected_path = campaign_dir / "rejected.csv"
+        self.is_settled = is_settled
+        self.on_pending = on_pending
+        self.publish_after = 0 if publish_all else read_checkpoint(self.checkpoint)
+        self.batch_size = batch_size
+        self.counts = LoadCounts()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="loader", daemon=True)
+
+    def start(self) -> None:
+        """Start loading in the background."""
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.load()
+        except BaseException as error:  # handed to the launcher, which reports it
+            self.error = error
+        finally:
+            self.broker.close()
+
+    def load(self) -> None:
+        """Read the list and publish the recipients still to mail, in batches."""
+        batch: list[Recipient] = []
+        for recipient in self.recipients:
+            self.counts.rows = self.recipients.seen
+            if self.is_settled(recipient.address):
+                self.counts.settled += 1
+                continue
+            self.on_pending(recipient.address)
+            if recipient.row > self.publish_after:
+                batch.append(recipient)
+            if len(batch) >= self.batch_size:
+                self._publish(batch)
+        self._publish(batch)
+        self.counts.rows = self.recipients.seen
+        self.counts.rejected = len(self.recipients.rejections)
+        write_rejections(self.rejected_path, self.recipients.rejections)
+        self.counts.done = True
+
+    def _publish(self, batch: list[Recipient]) -> None:
+        """Publish a batch in one transaction, then move the checkpoint past it."""
+        if not batch:
+            return
+        self.counts.published += self.broker.publish(
+            {"recipient": r.address, "row": r.row, "fields": r.fields} for r in batch
+        )
+        write_checkpoint(self.checkpoint, batch[-1].row)
+        batch.clear()
+
+
+def read_checkpoint(path: Path) -> int:
+    """Return the last row the broker was known to hold, or 0."""
+    try:
+        return int(json.loads(path.read_text())["through_row"])
+    except FileNotFoundError:
+        return 0
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s: unreadable; every unsettled recipient is published again", path)
+        return 0
+
+
+def write_checkpoint(path: Path, through_row: int) -> None:
+    """Replace the checkpoint atomically and durably."""
+    temporary = path.with_suffix(".tmp")
+    with temporary.open("w") as file:
+        json.dump({"through_row": through_row}, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def write_rejections(path: Path, rejections: list[Rejection]) -> None:
+    """List the refused rows with their reasons, safe to open in a spreadsheet."""
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["row", "value", "reason"])
+        for rejection in rejections:
+            writer.writerow(
+                [rejection.row, safe_cell(rejection.value), safe_cell(rejection.reason)]
+            )

@@ -1,0 +1,226 @@
+"""A worker process: takes recipients from the broker and mails each one exactly once.
+
+For every delivery the order is the promise itself:
+
+1. claim the recipient in the sent-log (fsync'd) - or ack and drop it if it is claimed
+   or settled already, whatever the broker says about redelivery;
+2. send it through the relay;
+3. record the outcome in the sent-log at once;
+4. ack the delivery only after that outcome is fsync'd.
+
+The process's main thread owns the pika connection and does nothing else, so heartbeats
+flow while the relay thinks. A sender thread holds the SMTP session and the sent-log, and
+hands acks back through `Broker.call_soon()`. Outcomes of consecutive deliveries share
+one fsync when more deliveries are waiting (group commit); a kill -9 still leaves at most
+the one recipient whose DATA was in flight without an outcome.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from batch.broker import Broker, Delivery
+from batch.errors import BatchError, ExitCode, TemplateError, Unavailable
+from batch.logs import setup_logging
+from batch.mailer import Attempt, Mailer, RelaySettings, Result
+from batch.message import Composer, Template
+from batch.sentlog import Outcome, SentLog, Status
+
+log = logging.getLogger(__name__)
+
+STOP = object()
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs, as plain values; it opens its own connections."""
+
+    campaign: str
+    sent_log: Path
+    template_text: str
+    template_name: str
+    relay: RelaySettings
+    amqp_url: str
+    retry_delays_s: tuple[float, ...]
+    max_attempts: int
+    prefetch: int
+    resend_in_doubt: bool
+    launcher_pid: int
+    verbosity: int
+    reconnect_for_s: float = 120.0  # how long to keep trying a lost broker or relay
+
+
+def main(settings: WorkerSettings, stop: Any) -> None:
+    """Run one worker until `stop` is set; exit with an ExitCode."""
+    setup_logging(settings.verbosity)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when to stop
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        code = Worker(settings, stop).run()
+    except BatchError as error:
+        log.error("%s", error)
+        code = error.exit_code
+    os._exit(int(code))
+
+
+class Worker:
+    """One broker connection, one relay session, one sender thread."""
+
+    def __init__(self, settings: WorkerSettings, stop: Any) -> None:
+        self.settings = settings
+        self.stop = stop
+        self.exit_code = ExitCode.OK
+        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.done: list[Delivery] = []
+        self.ledger = SentLog(
+            Path(settings.sent_log), settings.campaign, resend_in_doubt=settings.resend_in_doubt
+        )
+        template = Template(settings.template_text, name=settings.template_name)
+        self.composer = Composer(template, settings.campaign)
+        self.mailer = Mailer(settings.relay)
+        self.broker = Broker(
+            settings.amqp_url, settings.campaign, retry_delays_s=settings.retry_delays_s
+        )
+
+    def run(self) -> ExitCode:
+        """Consume until told to stop, then finish the delivery in hand and leave."""
+        self.broker.connect()
+        self.mailer.open()
+        sender = threading.Thread(target=self._send_loop, name="sender", daemon=True)
+        sender.start()
+        self.broker.consume(self.settings.prefetch, self.inbox.put)
+
+        while not self._should_stop(sender):
+            try:
+                self.broker.process(time_limit_s=0.5)
+            except Unavailable as error:
+                log.warning("%s; reconnecting", error)
+                self._reconnect_broker()
+
+        self.inbox.put(STOP)
+        sender.join()
+        self._drain_callbacks()
+        self.broker.close()
+        self.mailer.close()
+        self.ledger.close()
+        return self.exit_code
+
+    def _should_stop(self, sender: threading.Thread) -> bool:
+        if self.stop.is_set() or not sender.is_alive():
+            return True
+        if os.getppid() != self.settings.launcher_pid:
+            log.warning("the launcher is gone; stopping")
+            return True
+        return False
+
+    def _reconnect_broker(self) -> None:
+        """Reconnect; deliveries of the old connection come back by themselves."""
+        try:
+            self.broker.reconnect(give_up_after_s=self.settings.reconnect_for_s)
+        except Unavailable as error:
+            log.error("%s; giving up", error)
+            self.exit_code = ExitCode.TEMPFAIL
+            self.stop.set()
+            return
+        self.broker.consume(self.settings.prefetch, self.inbox.put)
+
+    def _drain_callbacks(self) -> None:
+        """Let queued acks reach the broker before the connection closes."""
+        with contextlib.suppress(Unavailable):
+            self.broker.process(time_limit_s=0)
+
+    # The sender thread.
+
+    def _send_loop(self) -> None:
+        try:
+            while (delivery := self.inbox.get()) is not STOP:
+                if delivery.generation == self.broker.generation:
+                    self._handle(delivery)
+                if self.inbox.empty():
+                    self._flush()
+            self._flush()
+        except Unavailable as error:
+            log.error("%s; stopping this worker", error)
+            self._flush()
+            self.exit_code = ExitCode.TEMPFAIL
+        except Exception:
+            log.critical("the sender thread failed", exc_info=True)
+            self.exit_code = ExitCode.SOFTWARE
+
+    def _handle(self, delivery: Delivery) -> None:
+        """Claim, send, record; the ack follows once the outcome is durable."""
+        recipient = delivery.body["recipient"]
+        message_id = self.composer.message_id(recipient)
+        if not self.ledger.claim(recipient, message_id):
+            log.debug("%s is claimed or settled already; dropping the duplicate", recipient)
+            self.done.append(delivery)
+            return
+
+        try:
+            letter = self.composer.compose(recipient, delivery.body["fields"])
+        except TemplateError as error:
+            self.ledger.record(recipient, message_id, Outcome(Status.FAILED, None, str(error)))
+            self.done.append(delivery)
+            return
+
+        outcome = self._outcome(self._send(letter.sender, recipient, letter.data), delivery)
+        self.ledger.record(recipient, message_id, outcome)
+        if outcome.status is Status.DEFERRED:
+            self._flush()
+            self.broker.call_soon(partial(self.broker.retry_later, delivery))
+        else:
+            self.done.append(delivery)
+
+    def _send(self, sender: str, recipient: str, data: bytes) -> Attempt:
+        """Send, reopening the session as long as the relay was not reached."""
+        deadline = time.monotonic() + self.settings.reconnect_for_s
+        pause = 0.5
+        while True:
+            attempt = self.mailer.send(sender, recipient, data)
+            if attempt.result is not Result.NOT_REACHED:
+                return attempt
+            if time.monotonic() + pause > deadline:
+                return attempt
+            # Nothing reached the relay, so the same claim may carry a second try.
+            log.warning("relay: %s; trying again in %.1f s", attempt.reply, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 10)
+            try:
+                self.mailer.open()
+            except Unavailable as error:
+                log.warning("%s", error)
+
+    def _outcome(self, attempt: Attempt, delivery: Delivery) -> Outcome:
+        """Turn the relay's answer into what the sent-log records."""
+        match attempt.result:
+            case Result.ACCEPTED:
+                return Outcome(Status.SENT, attempt.code, attempt.reply)
+            case Result.REFUSED_FOR_GOOD:
+                return Outcome(Status.FAILED, attempt.code, attempt.reply)
+            case Result.IN_DOUBT:
+                return Outcome(Status.IN_DOUBT, attempt.code, attempt.reply)
+            case Result.NOT_REACHED:
+                raise Unavailable(f"relay {self.settings.relay.describe()}: {attempt.reply}")
+        if delivery.attempt >= self.settings.max_attempts:
+            reply = f"gave up after {delivery.attempt} attempts: {attempt.reply}"
+            return Outcome(Status.FAILED, attempt.code, reply)
+        return Outcome(Status.DEFERRED, attempt.code, attempt.reply)
+
+    def _flush(self) -> None:
+        """Fsync the outcomes written so far, then ack their deliveries in one go."""
+        self.ledger.sync()
+        if not self.done:
+            return
+        last = self.done[-1]
+        self.done.clear()
+        self.broker.call_soon(partial(self.broker.ack, last.generation, last.tag, multiple=True))
