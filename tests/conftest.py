@@ -1,0 +1,163 @@
+"""Fixtures: a real RabbitMQ, a recording SMTP relay, and the job run as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pika
+import pika.exceptions
+import pytest
+
+from tests.relay import RecordingRelay
+
+ROOT = Path(__file__).resolve().parent.parent
+AMQP_URL = os.environ.get("MASSMAIL_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+RUN_TIMEOUT_S = 240
+
+TEMPLATE = """\
+From: Test Sender <sender@example.com>
+Subject: Hello {{ name }}
+
+Dear {{ name }},
+this is message for {{ email }}.
+"""
+
+
+def broker_reachable(url: str = AMQP_URL) -> bool:
+    """Tell whether a RabbitMQ answers at url."""
+    params = pika.URLParameters(url)
+    params.connection_attempts = 1
+    params.socket_timeout = 5
+    try:
+        pika.BlockingConnection(params).close()
+    except pika.exceptions.AMQPError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """The broker the tests use; fail (never skip) with what to start if it is down."""
+    if not broker_reachable():
+        pytest.fail(
+            f"no RabbitMQ answers at {AMQP_URL}: start one with `rabbitmq-server -detached` "
+            "or set MASSMAIL_TEST_AMQP_URL",
+            pytrace=False,
+        )
+    return AMQP_URL
+
+
+@pytest.fixture
+def relay():
+    """A real SMTP server that records what it accepted."""
+    with RecordingRelay() as server:
+        yield server
+
+
+@dataclass
+class Job:
+    """One way of running `python -m batch.run` for a test's campaign."""
+
+    state_dir: Path
+    amqp_url: str
+    relay: RecordingRelay
+    campaign: str
+
+    def args(self, source: Path, template: Path, *extra: str) -> list[str]:
+        return [
+            "--source", str(source),
+            "--template", str(template),
+            "--campaign", self.campaign,
+            "--state-dir", str(self.state_dir),
+            "--amqp-url", self.amqp_url,
+            "--smtp-host", self.relay.host,
+            "--smtp-port", str(self.relay.port),
+            "--smtp-tls", "none",
+            *extra,
+        ]  # fmt: skip
+
+    def run(self, source: Path, template: Path, *extra: str, campaign: bool = True):
+        """Run the job to its end and return the finished process."""
+        args = self.args(source, template, *extra)
+        if not campaign:
+            at = args.index("--campaign")
+            del args[at : at + 2]
+        return run_batch(args)
+
+    @property
+    def folder(self) -> Path:
+        return self.state_dir / self.campaign
+
+    def sent_log(self, campaign: str | None = None) -> list[dict[str, str]]:
+        path = self.state_dir / (campaign or self.campaign) / "sent-log.csv"
+        with path.open(newline="", encoding="utf-8") as file:
+            return list(csv.DictReader(file))
+
+    def final_statuses(self, campaign: str | None = None) -> dict[str, str]:
+        """Each recipient's last status in the sent-log."""
+        return {row["recipient"]: row["status"] for row in self.sent_log(campaign)}
+
+
+def run_batch(args: list[str], timeout_s: float = RUN_TIMEOUT_S, **kwargs):
+    """Run `python -m batch.run` with args; a hang fails the test."""
+    return subprocess.run(
+        [sys.executable, "-m", "batch.run", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        **kwargs,
+    )
+
+
+def delete_queues(url: str, campaign: str) -> None:
+    """Remove a test campaign's queues from the shared broker."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    for name in (f"massmail.{campaign}", f"massmail.{campaign}.dead"):
+        channel.queue_delete(name)
+    for delay_ms in ("60000", "240000", "960000", "3840000"):
+        channel.queue_delete(f"massmail.{campaign}.retry.{delay_ms}")
+    connection.close()
+
+
+@pytest.fixture
+def job(tmp_path, amqp_url, relay):
+    """A fresh campaign against the real broker and the recording relay."""
+    campaign = f"test-{uuid.uuid4().hex[:12]}"
+    yield Job(tmp_path / "state", amqp_url, relay, campaign)
+    delete_queues(amqp_url, campaign)
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    """Write a recipient list as a person would export it."""
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def people(count: int, domain: str = "example.com") -> list[dict[str, str]]:
+    """Make count distinct recipients with a name each."""
+    return [{"email": f"person{n}@{domain}", "name": f"Person {n}"} for n in range(count)]
+
+
+def write_template(path: Path, text: str = TEMPLATE) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def received_counts(relay: RecordingRelay) -> Counter[str]:
+    """How many messages the relay accepted per recipient."""
+    counts: Counter[str] = Counter()
+    for message in relay.messages():
+        counts.update(address.lower() for address in message.rcpt_tos)
+    return counts
