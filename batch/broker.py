@@ -42,7 +42,7 @@ class Delivery:
 
     tag: int
     generation: int
-    body: dict[str, Any]
+    body: bytes  # as published; `decode()` reads it
     attempt: int  # 1 on the first try; grows with every 4xx retry
     redelivered: bool
 
@@ -68,8 +68,10 @@ class Broker:
         *,
         retry_delays_s: tuple[float, ...] = (),
         delivery_limit: int = 20,
+        heartbeat_s: int = 30,
     ) -> None:
         self.url = url
+        self.heartbeat_s = heartbeat_s
         self.queue = f"massmail.{campaign}"
         self.dead_queue = f"{self.queue}.dead"
         self.retry_queues = [f"{self.queue}.retry.{round(s * 1000)}" for s in retry_delays_s]
@@ -80,10 +82,10 @@ class Broker:
 
     # Connecting.
 
-    def connect(self, *, heartbeat_s: int = 30) -> None:
+    def connect(self) -> None:
         """Open the connection and a channel, and declare the campaign's queues."""
         params = pika.URLParameters(self.url)
-        params.heartbeat = heartbeat_s
+        params.heartbeat = self.heartbeat_s
         params.blocked_connection_timeout = 300
         params.connection_attempts = 1
         try:
@@ -147,7 +149,7 @@ class Broker:
                 channel.basic_publish(
                     "",
                     self.queue,
-                    json.dumps(body, separators=(",", ":")).encode(),
+                    encode(body),
                     pika.BasicProperties(delivery_mode=PERSISTENT),
                 )
                 count += 1
@@ -159,20 +161,25 @@ class Broker:
     def depth(self) -> int:
         """Count the messages waiting in the campaign's queue and its retry queues."""
         total = 0
-        for queue in [self.queue, *self.retry_queues]:
-            declared = self._channel.queue_declare(queue, passive=True)
-            total += declared.method.message_count
+        try:
+            for queue in [self.queue, *self.retry_queues]:
+                declared = self._channel.queue_declare(queue, passive=True)
+                total += declared.method.message_count
+        except CONNECTION_ERRORS as error:
+            raise Unavailable(f"broker {describe(self.url)}: {_reason(error)}") from None
         return total
 
-    def take_dead(self) -> list[dict[str, Any]]:
-        """Take every message that went to the dead-letter queue."""
-        bodies = []
-        while True:
-            method, _, body = self._channel.basic_get(self.dead_queue)
-            if method is None:
-                return bodies
-            bodies.append(json.loads(body))
-            self._channel.basic_ack(method.delivery_tag)
+    def take_dead(self, handle: Callable[[bytes], None]) -> None:
+        """Hand every dead-lettered message to `handle`, acking each after it returns."""
+        try:
+            while True:
+                method, _, body = self._channel.basic_get(self.dead_queue)
+                if method is None:
+                    return
+                handle(body)
+                self._channel.basic_ack(method.delivery_tag)
+        except CONNECTION_ERRORS as error:
+            raise Unavailable(f"broker {describe(self.url)}: {_reason(error)}") from None
 
     def delete_queues(self) -> None:
         """Delete the campaign's queues (for tests and finished campaigns)."""
@@ -191,7 +198,7 @@ class Broker:
                 Delivery(
                     tag=method.delivery_tag,
                     generation=generation,
-                    body=json.loads(body),
+                    body=body,
                     attempt=int(headers.get("x-massmail-attempt", 1)),
                     redelivered=method.redelivered,
                 )
@@ -213,6 +220,11 @@ class Broker:
         if generation == self.generation and self._channel is not None:
             self._channel.basic_ack(tag, multiple=multiple)
 
+    def set_aside(self, generation: int, tag: int) -> None:
+        """Send a delivery nobody can handle to the dead-letter queue."""
+        if generation == self.generation and self._channel is not None:
+            self._channel.basic_reject(tag, requeue=False)
+
     def retry_later(self, delivery: Delivery) -> None:
         """Put a recipient back after the delay of its attempt, then ack the delivery."""
         if delivery.generation != self.generation:
@@ -221,7 +233,7 @@ class Broker:
         self._channel.basic_publish(
             "",
             self.retry_queues[level],
-            json.dumps(delivery.body, separators=(",", ":")).encode(),
+            delivery.body,
             pika.BasicProperties(
                 delivery_mode=PERSISTENT, headers={"x-massmail-attempt": delivery.attempt + 1}
             ),
@@ -240,6 +252,21 @@ class Broker:
         except CONNECTION_ERRORS:
             return False
         return True
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    """Serialise a recipient's message for the queue."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    """Read a recipient's message; raise ValueError if it is not one."""
+    content = json.loads(body)
+    if not isinstance(content, dict) or not isinstance(content.get("recipient"), str):
+        raise ValueError("not a recipient message")
+    if not isinstance(content.get("fields"), dict):
+        raise ValueError("a recipient message without fields")
+    return content
 
 
 def _dead_lettering(target: str, arguments: dict[str, Any]) -> dict[str, Any]:

@@ -88,6 +88,10 @@ OPTIONS = (
     Option("max_attempts", _positive, 5, "tries for a recipient the relay refuses for now (4xx)"),
     Option("retry_delay", _seconds, 60.0, "seconds before the first retry; each next one x4"),
     Option("prefetch", _positive, 20, "deliveries a worker holds ahead of the one it sends"),
+    Option("amqp_heartbeat", _positive, 30, "seconds between AMQP heartbeats"),
+    Option(
+        "reconnect_for", _seconds, 120.0, "seconds to keep reconnecting a lost broker or relay"
+    ),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -115,6 +119,8 @@ class Settings:
     max_attempts: int
     retry_delay: float
     prefetch: int
+    amqp_heartbeat: int
+    reconnect_for: float
     verbosity: int = 0
     smtp_password: str | None = field(default=None, repr=False)
 

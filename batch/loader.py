@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batch.broker import Broker
+from batch.errors import Unavailable
 from batch.recipients import Recipient, RecipientList, Rejection
 from batch.sentlog import safe_cell
 
@@ -49,6 +50,7 @@ class Loader:
         is_settled: Callable[[str], bool],
         on_pending: Callable[[str], None],
         publish_all: bool,
+        reconnect_for_s: float,
         batch_size: int = 500,
     ) -> None:
         self.recipients = recipients
@@ -59,6 +61,7 @@ class Loader:
         self.on_pending = on_pending
         self.publish_after = 0 if publish_all else read_checkpoint(self.checkpoint)
         self.batch_size = batch_size
+        self.reconnect_for_s = reconnect_for_s
         self.counts = LoadCounts()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="loader", daemon=True)
@@ -98,9 +101,14 @@ class Loader:
         """Publish a batch in one transaction, then move the checkpoint past it."""
         if not batch:
             return
-        self.counts.published += self.broker.publish(
-            {"recipient": r.address, "row": r.row, "fields": r.fields} for r in batch
-        )
+        bodies = [{"recipient": r.address, "row": r.row, "fields": r.fields} for r in batch]
+        try:
+            self.counts.published += self.broker.publish(bodies)
+        except Unavailable as error:
+            # An uncommitted batch is dropped by the broker; publishing it again is safe.
+            log.warning("%s; reconnecting to publish the batch again", error)
+            self.broker.reconnect(give_up_after_s=self.reconnect_for_s)
+            self.counts.published += self.broker.publish(bodies)
         write_checkpoint(self.checkpoint, batch[-1].row)
         batch.clear()
 

@@ -7,29 +7,31 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
+import os
 import signal
-import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 
-from batch import config, worker
-from batch.broker import Broker, describe
+from batch import config
+from batch.broker import Broker, decode, describe
 from batch.config import Settings
-from batch.errors import AlreadyRunning, BatchError, ExitCode, UsageError
+from batch.errors import AlreadyRunning, BatchError, ExitCode, Unavailable, UsageError
 from batch.loader import Loader
 from batch.logs import setup_logging
 from batch.mailer import Mailer, RelaySettings
 from batch.message import Template
+from batch.pool import WorkerPool
 from batch.recipients import RecipientList
-from batch.sentlog import SentLog, Status
+from batch.sentlog import Outcome, SentLog, Status
 from batch.source import fingerprint, read_rows
+from batch.worker import WorkerSettings
 
 log = logging.getLogger("batch")
 
@@ -80,7 +82,7 @@ class Pending:
         with self._lock:
             self._recipients.add(recipient)
 
-    def prune(self, is_settled: Any) -> set[str]:
+    def prune(self, is_settled: Callable[[str], bool]) -> set[str]:
         """Forget the settled ones; return a copy of the rest."""
         with self._lock:
             self._recipients = {r for r in self._recipients if not is_settled(r)}
@@ -93,14 +95,12 @@ class Launcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.started = time.monotonic()
-        self.stop = multiprocessing.get_context("spawn").Event()
         self.interrupted = False
-        self.workers: dict[int, Any] = {}
-        self.restarts = 0
         self.pending = Pending()
+        self.unreadable = 0
 
     def run(self) -> ExitCode:
-        """Check, load, send, watch, and sum up."""
+        """Check the inputs, hold the campaign's lock, and run it."""
         s = self.settings
         template = Template.from_file(s.template)
         self._check_columns(template)
@@ -120,6 +120,7 @@ class Launcher:
             lock.release()
 
     def _run_locked(self, campaign: str, folder: Path, template: Template) -> ExitCode:
+        """Recover, load, send and watch, then sum up."""
         s = self.settings
         ledger = SentLog(folder / "sent-log.csv", campaign, resend_in_doubt=s.in_doubt == "resend")
         self._recover(ledger)
@@ -128,34 +129,24 @@ class Launcher:
 
         broker = self._broker(campaign)
         broker.connect()
-        publish_all = broker.depth() == 0
-        loader = Loader(
-            RecipientList(
-                read_rows(s.source, query=s.query, sheet=s.sheet),
-                source=str(s.source),
-                email_column=s.email_column,
-            ),
-            self._broker(campaign),
-            folder,
-            is_settled=ledger.is_final,
-            on_pending=self.pending.add,
-            publish_all=publish_all,
-        )
-        loader.broker.connect()
+        loader = self._loader(campaign, folder, ledger, publish_all=broker.depth() == 0)
         log.info(
             "campaign %s: list %s, %d workers, relay %s, broker %s, state %s",
             campaign, s.source, s.workers, relay.describe(), describe(s.amqp_url), folder,
         )  # fmt: skip
 
-        settings = self._worker_settings(campaign, ledger.path, template, relay)
-        for _ in range(s.workers):
-            self._start_worker(settings)
+        pool = WorkerPool(
+            self._worker_settings(campaign, ledger.path, template, relay),
+            s.workers,
+            max_restarts=3 * s.workers,
+        )
+        pool.start()
         loader.start()
         self._catch_signals()
         try:
-            code = self._watch(ledger, loader, broker, settings)
+            code = self._watch(ledger, loader, broker, pool)
         finally:
-            self._stop_workers(ledger)
+            pool.stop(ledger, grace_s=s.smtp_timeout + 30)
             broker.close()
         return self._summary(ledger, loader, folder, code)
 
@@ -186,6 +177,27 @@ class Launcher:
                 len(settled),
             )
 
+    def _recipients(self) -> RecipientList:
+        s = self.settings
+        return RecipientList(
+            read_rows(s.source, query=s.query, sheet=s.sheet),
+            source=str(s.source),
+            email_column=s.email_column,
+        )
+
+    def _loader(self, campaign: str, folder: Path, ledger: SentLog, publish_all: bool) -> Loader:
+        loader = Loader(
+            self._recipients(),
+            self._broker(campaign),
+            folder,
+            is_settled=ledger.is_final,
+            on_pending=self.pending.add,
+            publish_all=publish_all,
+            reconnect_for_s=self.settings.reconnect_for,
+        )
+        loader.broker.connect()
+        return loader
+
     def _relay_settings(self) -> RelaySettings:
         s = self.settings
         return RelaySettings(
@@ -199,15 +211,16 @@ class Launcher:
         )
 
     def _broker(self, campaign: str) -> Broker:
+        s = self.settings
         return Broker(
-            self.settings.amqp_url, campaign, retry_delays_s=self.settings.retry_delays_s
+            s.amqp_url, campaign, retry_delays_s=s.retry_delays_s, heartbeat_s=s.amqp_heartbeat
         )
 
     def _worker_settings(
         self, campaign: str, sent_log: Path, template: Template, relay: RelaySettings
-    ) -> worker.WorkerSettings:
+    ) -> WorkerSettings:
         s = self.settings
-        return worker.WorkerSettings(
+        return WorkerSettings(
             campaign=campaign,
             sent_log=sent_log,
             template_text=template.text,
@@ -218,43 +231,40 @@ class Launcher:
             max_attempts=s.max_attempts,
             prefetch=s.prefetch,
             resend_in_doubt=s.in_doubt == "resend",
-            launcher_pid=multiprocessing.current_process().pid,
+            launcher_pid=os.getpid(),
             verbosity=s.verbosity,
+            heartbeat_s=s.amqp_heartbeat,
+            reconnect_for_s=s.reconnect_for,
         )
 
     # During the run.
 
-    def _start_worker(self, settings: worker.WorkerSettings) -> None:
-        context = multiprocessing.get_context("spawn")
-        number = len(self.workers) + self.restarts + 1
-        process = context.Process(
-            target=worker.main, args=(settings, self.stop), name=f"worker-{number}"
-        )
-        process.start()
-        self.workers[process.pid] = process
-
     def _catch_signals(self) -> None:
-        def interrupt(signum: int, _frame: Any) -> None:
+        def interrupt(_signum: int, _frame: Any) -> None:
             self.interrupted = True
 
         signal.signal(signal.SIGINT, interrupt)
         signal.signal(signal.SIGTERM, interrupt)
 
     def _watch(
-        self, ledger: SentLog, loader: Loader, broker: Broker, settings: worker.WorkerSettings
+        self, ledger: SentLog, loader: Loader, broker: Broker, pool: WorkerPool
     ) -> ExitCode:
-        """Wait until every pending recipient is settled, keeping the workers alive."""
+        """Wait until every pending recipient is settled; keep workers and broker alive."""
         last_report = last_growth = time.monotonic()
         last_size = 0
         while True:
-            broker.process(time_limit_s=TICK_S)
+            try:
+                broker.process(time_limit_s=TICK_S)
+            except Unavailable as error:
+                log.warning("%s; reconnecting", error)
+                broker.reconnect(give_up_after_s=self.settings.reconnect_for)
             ledger.refresh()
             if self.interrupted:
                 log.warning("interrupted: stopping the workers after their current message")
                 return ExitCode.TEMPFAIL
             if loader.error is not None:
                 raise loader.error
-            code = self._check_workers(ledger, settings)
+            code = pool.check(ledger)
             if code is not None:
                 return code
 
@@ -269,35 +279,10 @@ class Launcher:
             if now - last_report >= PROGRESS_EVERY_S:
                 last_report = now
                 self._progress(ledger, loader, len(pending))
-                self._settle_dead_letters(ledger, broker)
+                broker.take_dead(partial(self.settle_dead_letter, ledger))
             if loader.counts.done and now - last_growth >= LOST_AFTER_S:
                 last_growth = now
                 self._requeue_lost(ledger, broker, pending)
-
-    def _check_workers(self, ledger: SentLog, settings: worker.WorkerSettings) -> ExitCode | None:
-        """Replace a worker that died; stop the run if one gave up on broker or relay."""
-        for pid, process in list(self.workers.items()):
-            if process.exitcode is None:
-                continue
-            del self.workers[pid]
-            if process.exitcode == ExitCode.TEMPFAIL:
-                return ExitCode.TEMPFAIL
-            in_doubt = ledger.settle_open_claims(
-                f"worker {pid} stopped before the relay's answer was recorded",
-                worker=f"{socket.gethostname()}:{pid}",
-            )
-            log.critical(
-                "%s (pid %d) stopped with code %s; %d recipient(s) it held are in doubt",
-                process.name, pid, process.exitcode, len(in_doubt),
-            )  # fmt: skip
-            if process.exitcode == ExitCode.USAGE:
-                return ExitCode.USAGE
-            if self.restarts >= 3 * self.settings.workers:
-                log.error("workers keep stopping; giving up")
-                return ExitCode.SOFTWARE
-            self.restarts += 1
-            self._start_worker(settings)
-        return None
 
     def _progress(self, ledger: SentLog, loader: Loader, pending: int) -> None:
         counts = ledger.counts()
@@ -313,14 +298,22 @@ class Launcher:
             counts[Status.SENT] / elapsed if elapsed else 0.0,
         )
 
-    def _settle_dead_letters(self, ledger: SentLog, broker: Broker) -> None:
-        """Put messages the broker dead-lettered back, unless they are settled already."""
-        dead = [body for body in broker.take_dead() if not ledger.is_final(body["recipient"])]
-        if dead:
-            log.warning(
-                "%d message(s) came back from the dead-letter queue; queued again", len(dead)
-            )
-            broker.publish(dead)
+    def settle_dead_letter(self, ledger: SentLog, body: bytes) -> None:
+        """Record a message the broker set aside as failed, unless it is settled already."""
+        try:
+            content = decode(body)
+        except ValueError:
+            self.unreadable += 1
+            log.error("the broker set aside a message that is no recipient's: %.200r", body)
+            return
+        recipient = content["recipient"]
+        if ledger.is_final(recipient):
+            return
+        log.error("%s: its message was set aside after repeated failures", recipient)
+        reply = "set aside: every worker that took this message failed on it"
+        message_id = ledger.open_claims.get(recipient, ("", ""))[1]
+        ledger.record(recipient, message_id, Outcome(Status.FAILED, None, reply))
+        ledger.sync()
 
     def _requeue_lost(self, ledger: SentLog, broker: Broker, pending: set[str]) -> None:
         """Publish again the unsettled recipients the broker no longer holds."""
@@ -329,34 +322,13 @@ class Launcher:
         log.warning(
             "%d recipient(s) are unsettled but not queued; queuing them again", len(pending)
         )
-        s = self.settings
-        recipients = RecipientList(
-            read_rows(s.source, query=s.query, sheet=s.sheet),
-            source=str(s.source),
-            email_column=s.email_column,
-        )
         broker.publish(
             {"recipient": r.address, "row": r.row, "fields": r.fields}
-            for r in recipients
+            for r in self._recipients()
             if r.address in pending
         )
 
     # After the run.
-
-    def _stop_workers(self, ledger: SentLog) -> None:
-        """Ask every worker to finish its message and leave; settle what a killed one held."""
-        self.stop.set()
-        deadline = time.monotonic() + self.settings.smtp_timeout + 30
-        for pid, process in self.workers.items():
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.exitcode is None:
-                log.error("%s (pid %d) does not stop; killing it", process.name, pid)
-                process.kill()
-                process.join()
-                ledger.settle_open_claims(
-                    f"worker {pid} was killed before the relay's answer was recorded",
-                    worker=f"{socket.gethostname()}:{pid}",
-                )
 
     def _summary(self, ledger: SentLog, loader: Loader, folder: Path, code: ExitCode) -> ExitCode:
         ledger.refresh()
@@ -376,7 +348,7 @@ class Launcher:
         )
         if code is not ExitCode.OK:
             return code
-        if counts[Status.FAILED] or counts[Status.IN_DOUBT]:
+        if counts[Status.FAILED] or counts[Status.IN_DOUBT] or self.unreadable:
             return ExitCode.RECIPIENTS_NOT_SENT
         return ExitCode.OK
 

@@ -89,9 +89,9 @@ class SentLogError(BatchError):
     """The sent-log cannot be read or written."""
 
 
-def worker_name() -> str:
-    """Name this process in the sent-log's `worker` column."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_name(pid: int | None = None) -> str:
+    """Name a process (this one by default) as the sent-log's `worker` column does."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
 class SentLog:

@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from batch.broker import Broker, Delivery
+from batch.broker import Broker, Delivery, decode
 from batch.errors import BatchError, ExitCode, TemplateError, Unavailable
 from batch.logs import setup_logging
 from batch.mailer import Attempt, Mailer, RelaySettings, Result
@@ -57,7 +57,8 @@ class WorkerSettings:
     resend_in_doubt: bool
     launcher_pid: int
     verbosity: int
-    reconnect_for_s: float = 120.0  # how long to keep trying a lost broker or relay
+    heartbeat_s: int
+    reconnect_for_s: float  # how long to keep trying a lost broker or relay
 
 
 def main(settings: WorkerSettings, stop: Any) -> None:
@@ -82,6 +83,7 @@ class Worker:
         self.exit_code = ExitCode.OK
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.done: list[Delivery] = []
+        self.sending: tuple[str, str, bool] | None = None  # recipient, Message-ID, DATA begun
         self.ledger = SentLog(
             Path(settings.sent_log), settings.campaign, resend_in_doubt=settings.resend_in_doubt
         )
@@ -89,7 +91,10 @@ class Worker:
         self.composer = Composer(template, settings.campaign)
         self.mailer = Mailer(settings.relay)
         self.broker = Broker(
-            settings.amqp_url, settings.campaign, retry_delays_s=settings.retry_delays_s
+            settings.amqp_url,
+            settings.campaign,
+            retry_delays_s=settings.retry_delays_s,
+            heartbeat_s=settings.heartbeat_s,
         )
 
     def run(self) -> ExitCode:
@@ -145,7 +150,7 @@ class Worker:
         try:
             while (delivery := self.inbox.get()) is not STOP:
                 if delivery.generation == self.broker.generation:
-                    self._handle(delivery)
+                    self._guarded(delivery)
                 if self.inbox.empty():
                     self._flush()
             self._flush()
@@ -157,22 +162,47 @@ class Worker:
             log.critical("the sender thread failed", exc_info=True)
             self.exit_code = ExitCode.SOFTWARE
 
+    def _guarded(self, delivery: Delivery) -> None:
+        """Handle one delivery; a message that breaks its handling must not stop the rest."""
+        self.sending = None
+        try:
+            self._handle(delivery)
+        except (Unavailable, OSError):
+            raise
+        except Exception as error:
+            log.error("cannot handle a message: %r", error, exc_info=True)
+            if self.sending is None:
+                self._flush()
+                self.broker.call_soon(
+                    partial(self.broker.set_aside, delivery.generation, delivery.tag)
+                )
+                return
+            # Claimed: whether DATA went out decides between failed and in doubt.
+            recipient, message_id, data_started = self.sending
+            status = Status.IN_DOUBT if data_started else Status.FAILED
+            reply = f"the worker could not handle this message: {error!r}"
+            self.ledger.record(recipient, message_id, Outcome(status, None, reply))
+            self.done.append(delivery)
+
     def _handle(self, delivery: Delivery) -> None:
         """Claim, send, record; the ack follows once the outcome is durable."""
-        recipient = delivery.body["recipient"]
+        content = decode(delivery.body)
+        recipient = content["recipient"]
         message_id = self.composer.message_id(recipient)
         if not self.ledger.claim(recipient, message_id):
             log.debug("%s is claimed or settled already; dropping the duplicate", recipient)
             self.done.append(delivery)
             return
+        self.sending = (recipient, message_id, False)
 
         try:
-            letter = self.composer.compose(recipient, delivery.body["fields"])
+            letter = self.composer.compose(recipient, content["fields"])
         except TemplateError as error:
             self.ledger.record(recipient, message_id, Outcome(Status.FAILED, None, str(error)))
             self.done.append(delivery)
             return
 
+        self.sending = (recipient, message_id, True)
         outcome = self._outcome(self._send(letter.sender, recipient, letter.data), delivery)
         self.ledger.record(recipient, message_id, outcome)
         if outcome.status is Status.DEFERRED:

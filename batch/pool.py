@@ -1,0 +1,85 @@
+"""The worker pool: the launcher's worker processes, started, watched and stopped.
+
+Workers are started with the "spawn" method, so each opens its own broker connection,
+relay session and sent-log after it starts, and inherits no lock or socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from typing import Any
+
+from batch.errors import ExitCode
+from batch.sentlog import SentLog, worker_name
+from batch.worker import WorkerSettings, main
+
+log = logging.getLogger(__name__)
+
+
+class WorkerPool:
+    """A fixed number of worker processes, replaced when one dies."""
+
+    def __init__(self, settings: WorkerSettings, size: int, *, max_restarts: int) -> None:
+        self.settings = settings
+        self.size = size
+        self.max_restarts = max_restarts
+        self.context = multiprocessing.get_context("spawn")
+        self.stop_event = self.context.Event()
+        self.processes: dict[int, Any] = {}
+        self.started = 0
+
+    def start(self) -> None:
+        """Start every worker."""
+        for _ in range(self.size):
+            self._start_one()
+
+    def _start_one(self) -> None:
+        self.started += 1
+        process = self.context.Process(
+            target=main, args=(self.settings, self.stop_event), name=f"worker-{self.started}"
+        )
+        process.start()
+        self.processes[process.pid] = process
+
+    def check(self, ledger: SentLog) -> ExitCode | None:
+        """Replace workers that died; return an exit code if the run cannot go on."""
+        for pid, process in list(self.processes.items()):
+            if process.exitcode is None:
+                continue
+            del self.processes[pid]
+            if process.exitcode == ExitCode.TEMPFAIL:
+                return ExitCode.TEMPFAIL
+            in_doubt = settle_claims_of(ledger, pid, "stopped")
+            log.critical(
+                "%s (pid %d) stopped with code %s; %d recipient(s) it held are in doubt",
+                process.name, pid, process.exitcode, len(in_doubt),
+            )  # fmt: skip
+            if process.exitcode == ExitCode.USAGE:
+                return ExitCode.USAGE
+            if self.started - self.size >= self.max_restarts:
+                log.error("workers keep stopping; giving up")
+                return ExitCode.SOFTWARE
+            self._start_one()
+        return None
+
+    def stop(self, ledger: SentLog, grace_s: float) -> None:
+        """Ask every worker to finish its message and leave; kill the ones that do not."""
+        self.stop_event.set()
+        deadline = time.monotonic() + grace_s
+        for pid, process in self.processes.items():
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:
+                log.error("%s (pid %d) does not stop; killing it", process.name, pid)
+                process.kill()
+                process.join()
+                settle_claims_of(ledger, pid, "was killed")
+
+
+def settle_claims_of(ledger: SentLog, pid: int, what: str) -> list[str]:
+    """Record the open claims of a worker that is gone as in-doubt."""
+    return ledger.settle_open_claims(
+        f"worker {pid} {what} before the relay's answer was recorded",
+        worker=worker_name(pid),
+    )
