@@ -1,11 +1,12 @@
 """The loader: reads the list and puts every recipient still to mail into the broker.
 
-It reads the whole list on every run (so duplicates and bad rows are found again and
-reported), skips recipients the sent-log has settled, and publishes the rest in AMQP
-transactions of `batch_size`. After each committed batch it fsyncs a checkpoint (the
-last row the broker holds), so a rerun publishes only rows past it, unless the broker
-holds nothing of the campaign any more, in which case everything unsettled goes in again.
-Publishing a recipient twice is harmless: the worker's claim drops the second copy.
+It reads the whole list on every run, so duplicates and bad rows are found and reported
+again. Each batch is noted in the sent-log's index (which tells the settled recipients
+apart and tells the launcher whom to wait for), and the rest is published in one AMQP
+transaction. After each committed batch it fsyncs a checkpoint (the last row the broker
+holds), so a rerun publishes only rows past it, unless the broker holds nothing of the
+campaign any more, in which case everything unsettled goes in again. Publishing a
+recipient twice is harmless: the worker's claim drops the second copy.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from batch.broker import Broker
 from batch.errors import Unavailable
 from batch.recipients import Recipient, RecipientList, Rejection
-from batch.sentlog import safe_cell
+from batch.sentlog import SentLog, Status, safe_cell
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,8 @@ class Loader:
         recipients: RecipientList,
         broker: Broker,
         campaign_dir: Path,
+        ledger: SentLog,
         *,
-        is_settled: Callable[[str], bool],
-        on_pending: Callable[[str], None],
         publish_all: bool,
         reconnect_for_s: float,
         batch_size: int = 500,
@@ -57,8 +56,7 @@ class Loader:
         self.broker = broker
         self.checkpoint = campaign_dir / "loaded.json"
         self.rejected_path = campaign_dir / "rejected.csv"
-        self.is_settled = is_settled
-        self.on_pending = on_pending
+        self.ledger = ledger
         self.publish_after = 0 if publish_all else read_checkpoint(self.checkpoint)
         self.batch_size = batch_size
         self.reconnect_for_s = reconnect_for_s
@@ -77,18 +75,14 @@ class Loader:
             self.error = error
         finally:
             self.broker.close()
+            self.ledger.close()
 
     def load(self) -> None:
         """Read the list and publish the recipients still to mail, in batches."""
         batch: list[Recipient] = []
         for recipient in self.recipients:
             self.counts.rows = self.recipients.seen
-            if self.is_settled(recipient.address):
-                self.counts.settled += 1
-                continue
-            self.on_pending(recipient.address)
-            if recipient.row > self.publish_after:
-                batch.append(recipient)
+            batch.append(recipient)
             if len(batch) >= self.batch_size:
                 self._publish(batch)
         self._publish(batch)
@@ -98,17 +92,25 @@ class Loader:
         self.counts.done = True
 
     def _publish(self, batch: list[Recipient]) -> None:
-        """Publish a batch in one transaction, then move the checkpoint past it."""
+        """Publish a batch's unsettled recipients in one transaction, then checkpoint."""
         if not batch:
             return
-        bodies = [{"recipient": r.address, "row": r.row, "fields": r.fields} for r in batch]
-        try:
-            self.counts.published += self.broker.publish(bodies)
-        except Unavailable as error:
-            # An uncommitted batch is dropped by the broker; publishing it again is safe.
-            log.warning("%s; reconnecting to publish the batch again", error)
-            self.broker.reconnect(give_up_after_s=self.reconnect_for_s)
-            self.counts.published += self.broker.publish(bodies)
+        unsettled = self.ledger.expect(r.address for r in batch)
+        self.counts.settled += len(batch) - len(unsettled)
+        bodies = [
+            {"recipient": r.address, "row": r.row, "fields": r.fields}
+            for r in batch
+            if r.address in unsettled
+            and (r.row > self.publish_after or unsettled[r.address] == Status.IN_DOUBT)
+        ]
+        if bodies:
+            try:
+                self.counts.published += self.broker.publish(bodies)
+            except Unavailable as error:
+                # An uncommitted batch is dropped by the broker; publishing it again is safe.
+                log.warning("%s; reconnecting to publish the batch again", error)
+                self.broker.reconnect(give_up_after_s=self.reconnect_for_s)
+                self.counts.published += self.broker.publish(bodies)
         write_checkpoint(self.checkpoint, batch[-1].row)
         batch.clear()
 

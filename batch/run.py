@@ -10,9 +10,8 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -71,24 +70,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
 
 
-class Pending:
-    """Recipients this run still waits for; filled by the loader, emptied by the sent-log."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._recipients: set[str] = set()
-
-    def add(self, recipient: str) -> None:
-        with self._lock:
-            self._recipients.add(recipient)
-
-    def prune(self, is_settled: Callable[[str], bool]) -> set[str]:
-        """Forget the settled ones; return a copy of the rest."""
-        with self._lock:
-            self._recipients = {r for r in self._recipients if not is_settled(r)}
-            return set(self._recipients)
-
-
 class Launcher:
     """One run of one campaign."""
 
@@ -96,7 +77,6 @@ class Launcher:
         self.settings = settings
         self.started = time.monotonic()
         self.interrupted = False
-        self.pending = Pending()
         self.unreadable = 0
 
     def run(self) -> ExitCode:
@@ -122,14 +102,14 @@ class Launcher:
     def _run_locked(self, campaign: str, folder: Path, template: Template) -> ExitCode:
         """Recover, load, send and watch, then sum up."""
         s = self.settings
-        ledger = SentLog(folder / "sent-log.csv", campaign, resend_in_doubt=s.in_doubt == "resend")
+        ledger = self._sent_log(folder, campaign, rebuild=True)
         self._recover(ledger)
         relay = self._relay_settings()
         Mailer(relay).open()  # fail fast, before anything is queued
 
         broker = self._broker(campaign)
         broker.connect()
-        loader = self._loader(campaign, folder, ledger, publish_all=broker.depth() == 0)
+        loader = self._loader(campaign, folder, publish_all=broker.depth() == 0)
         log.info(
             "campaign %s: list %s, %d workers, relay %s, broker %s, state %s",
             campaign, s.source, s.workers, relay.describe(), describe(s.amqp_url), folder,
@@ -185,13 +165,16 @@ class Launcher:
             email_column=s.email_column,
         )
 
-    def _loader(self, campaign: str, folder: Path, ledger: SentLog, publish_all: bool) -> Loader:
+    def _sent_log(self, folder: Path, campaign: str, *, rebuild: bool = False) -> SentLog:
+        resend = self.settings.in_doubt == "resend"
+        return SentLog(folder / "sent-log.csv", campaign, resend_in_doubt=resend, rebuild=rebuild)
+
+    def _loader(self, campaign: str, folder: Path, publish_all: bool) -> Loader:
         loader = Loader(
             self._recipients(),
             self._broker(campaign),
             folder,
-            is_settled=ledger.is_final,
-            on_pending=self.pending.add,
+            self._sent_log(folder, campaign),
             publish_all=publish_all,
             reconnect_for_s=self.settings.reconnect_for,
         )
@@ -258,7 +241,6 @@ class Launcher:
             except Unavailable as error:
                 log.warning("%s; reconnecting", error)
                 broker.reconnect(give_up_after_s=self.settings.reconnect_for)
-            ledger.refresh()
             if self.interrupted:
                 log.warning("interrupted: stopping the workers after their current message")
                 return ExitCode.TEMPFAIL
@@ -268,8 +250,8 @@ class Launcher:
             if code is not None:
                 return code
 
-            pending = self.pending.prune(ledger.is_final)
-            if loader.counts.done and not pending:
+            remaining = ledger.remaining()
+            if loader.counts.done and not remaining:
                 return ExitCode.OK
 
             now = time.monotonic()
@@ -278,11 +260,11 @@ class Launcher:
                 last_size, last_growth = size, now
             if now - last_report >= PROGRESS_EVERY_S:
                 last_report = now
-                self._progress(ledger, loader, len(pending))
+                self._progress(ledger, loader, remaining)
                 broker.take_dead(partial(self.settle_dead_letter, ledger))
             if loader.counts.done and now - last_growth >= LOST_AFTER_S:
                 last_growth = now
-                self._requeue_lost(ledger, broker, pending)
+                self._requeue_lost(ledger, broker)
 
     def _progress(self, ledger: SentLog, loader: Loader, pending: int) -> None:
         counts = ledger.counts()
@@ -311,27 +293,27 @@ class Launcher:
             return
         log.error("%s: its message was set aside after repeated failures", recipient)
         reply = "set aside: every worker that took this message failed on it"
-        message_id = ledger.open_claims.get(recipient, ("", ""))[1]
-        ledger.record(recipient, message_id, Outcome(Status.FAILED, None, reply))
+        ledger.record(recipient, "", Outcome(Status.FAILED, None, reply))
         ledger.sync()
 
-    def _requeue_lost(self, ledger: SentLog, broker: Broker, pending: set[str]) -> None:
+    def _requeue_lost(self, ledger: SentLog, broker: Broker) -> None:
         """Publish again the unsettled recipients the broker no longer holds."""
-        if not pending or ledger.open_claims or broker.depth() > 0:
+        if ledger.open_claims() or broker.depth() > 0:
             return
-        log.warning(
-            "%d recipient(s) are unsettled but not queued; queuing them again", len(pending)
-        )
-        broker.publish(
-            {"recipient": r.address, "row": r.row, "fields": r.fields}
-            for r in self._recipients()
-            if r.address in pending
-        )
+        lost = ledger.unsettled()
+        if not lost:
+            return
+        log.warning("%d recipient(s) are unsettled but not queued; queuing them again", len(lost))
+        found = [r for r in self._recipients() if r.address in lost]
+        broker.publish({"recipient": r.address, "row": r.row, "fields": r.fields} for r in found)
+        for recipient in lost - {r.address for r in found}:
+            reason = "no longer in the list, and its queued message was lost"
+            ledger.record(recipient, "", Outcome(Status.FAILED, None, reason))
+        ledger.sync()
 
     # After the run.
 
     def _summary(self, ledger: SentLog, loader: Loader, folder: Path, code: ExitCode) -> ExitCode:
-        ledger.refresh()
         counts = ledger.counts()
         elapsed = time.monotonic() - self.started
         log.info(
@@ -341,7 +323,7 @@ class Launcher:
             counts[Status.SENT],
             counts[Status.FAILED],
             counts[Status.IN_DOUBT],
-            counts[Status.DEFERRED] + counts[Status.CLAIMED],
+            ledger.remaining(),
             loader.counts.rejected,
             folder / "rejected.csv",
             ledger.path,

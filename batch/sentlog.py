@@ -1,16 +1,22 @@
 """The sent-log: the campaign's ledger of claims and outcomes, one CSV line each.
 
 It is the one place that decides what "sent", "failed" and "in-doubt" mean on disk,
-and it knows nothing of SMTP or AMQP. Its two promises, which the worker builds on:
+and it knows nothing of SMTP or AMQP. Its promises, which the worker builds on:
 
 - `claim()` returns only after the claim line is fsync'd, so a claim is durable
   before the message's DATA goes out;
-- `record()` writes an outcome line at once (a kill -9 cannot lose it) and `sync()`
-  makes every line written so far durable; the worker acks only after `sync()`
-  or a later `claim()` returned.
+- `record()` writes an outcome line at once (a kill -9 cannot lose it), and `sync()`
+  or the next `claim()` makes it durable; the worker acks only after one of them.
 
-Several processes append to the same file under one `filelock.FileLock`, so lines
-never interleave, and a claim's check and its claim are one atomic step.
+Several processes append to the same file. An exclusive lock on the file itself makes
+every append whole and a claim's check and its claim one atomic step; the fsync comes
+after the lock is released, so the workers' fsyncs overlap and the file system commits
+them together.
+
+To answer "may I send to this recipient?" without every process reading every line,
+the latest status of each recipient is kept in `sent-log.index`, a SQLite table beside
+the CSV and updated under the same lock. The CSV is the record; the index is derived
+from it, and the launcher rebuilds it from the CSV at the start of every run.
 """
 
 from __future__ import annotations
@@ -19,17 +25,23 @@ import csv
 import io
 import os
 import socket
+import sqlite3
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from filelock import FileLock
-
 from batch.errors import BatchError
+
+try:
+    import fcntl
+except ImportError:  # Windows: fall back to a lock file beside the sent-log
+    fcntl = None  # type: ignore[assignment]
+    from filelock import FileLock
 
 COLUMNS = (
     "timestamp",
@@ -57,7 +69,8 @@ class Status(StrEnum):
     DEFERRED = "deferred"  # refused for now (4xx); will be tried again
 
 
-FINAL = frozenset({Status.SENT, Status.FAILED, Status.IN_DOUBT})
+# In the index only: the loader queued the recipient and nothing has happened yet.
+QUEUED = "queued"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,117 +108,177 @@ def worker_name(pid: int | None = None) -> str:
 
 
 class SentLog:
-    """The campaign's sent-log file, opened by one process."""
+    """The campaign's sent-log and its index, opened by one process."""
 
-    def __init__(self, path: Path, campaign: str, *, resend_in_doubt: bool = False) -> None:
+    def __init__(
+        self, path: Path, campaign: str, *, resend_in_doubt: bool = False, rebuild: bool = False
+    ) -> None:
         self.path = path
         self.campaign = campaign
         self.worker = worker_name()
-        self._blocking = {Status.CLAIMED, Status.SENT, Status.FAILED, Status.IN_DOUBT}
-        if resend_in_doubt:
-            self._blocking.discard(Status.IN_DOUBT)
-        self._lock = FileLock(f"{path}.lock")
-        self._fd = -1
-        self._offset = 0
-        self._tail = b""
+        self.torn_bytes = 0
         self._dirty = False
-        self.statuses: dict[str, Status] = {}
-        self.open_claims: dict[str, tuple[str, str]] = {}  # recipient -> (worker, message_id)
+        self._settled = {Status.SENT, Status.FAILED}
+        if not resend_in_doubt:
+            self._settled.add(Status.IN_DOUBT)
+        self._blocking = self._settled | {Status.CLAIMED}
+        self._waiting = [str(s) for s in Status if s not in self._settled] + [QUEUED]
 
-        with self._lock:
+        if rebuild or not path.exists():
             self.torn_bytes = _create_or_repair(path)
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND)
-        with self._lock:
-            self._catch_up()
+        self._file_lock = FileLock(f"{path}.lock") if fcntl is None else None
+        self._index = _open_index(path.with_suffix(".index"))
+        if rebuild:
+            with self._locked():
+                self._rebuild_index()
 
     # The worker's side.
 
     def claim(self, recipient: str, message_id: str) -> bool:
         """Claim the recipient and fsync, unless it is claimed or settled already."""
-        with self._lock:
-            self._catch_up()
-            if self.statuses.get(recipient) in self._blocking:
+        with self._locked():
+            if self._status(recipient) in self._blocking:
                 return False
             self._append(recipient, message_id, Outcome(Status.CLAIMED))
-            self._fsync()
+        self.sync()
         return True
 
     def record(self, recipient: str, message_id: str, outcome: Outcome) -> None:
         """Write the outcome line now; it is durable after the next `sync()` or `claim()`."""
-        with self._lock:
-            self._catch_up()
+        with self._locked():
             self._append(recipient, message_id, outcome)
 
     def sync(self) -> None:
         """Fsync the lines this process wrote, if any are not durable yet."""
         if self._dirty:
-            self._fsync()
+            os.fsync(self._fd)
+            self._dirty = False
 
     def close(self) -> None:
-        """Close the file; call `sync()` first if the last lines matter."""
+        """Close the files; call `sync()` first if the last lines matter."""
+        self._index.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
     # The launcher's side.
 
+    def expect(self, recipients: Iterable[str]) -> dict[str, str]:
+        """Note recipients about to be queued; return the unsettled ones with their status."""
+        recipients = list(recipients)
+        if not recipients:
+            return {}
+        with self._locked():
+            known = dict(
+                self._index.execute(
+                    "SELECT address, status FROM recipients WHERE address IN "
+                    f"({','.join('?' * len(recipients))})",
+                    recipients,
+                ).fetchall()
+            )
+            self._index.executemany(
+                "INSERT OR IGNORE INTO recipients (address, status) VALUES (?, ?)",
+                [(r, QUEUED) for r in recipients if r not in known],
+            )
+            self._index.commit()
+        return {r: known.get(r, QUEUED) for r in recipients if known.get(r) not in self._settled}
+
     def settle_open_claims(self, reason: str, worker: str | None = None) -> list[str]:
         """Record every claim without an outcome (of one worker, or all) as in-doubt."""
-        with self._lock:
-            self._catch_up()
-            settled = [
-                (recipient, message_id)
-                for recipient, (claimer, message_id) in self.open_claims.items()
-                if worker is None or claimer == worker
-            ]
+        query = "SELECT address, message_id, worker FROM recipients WHERE status = ?"
+        with self._locked():
+            rows = self._index.execute(query, (Status.CLAIMED.value,)).fetchall()
+            settled = [(r, m) for r, m, w in rows if worker is None or w == worker]
             for recipient, message_id in settled:
                 self._append(recipient, message_id, Outcome(Status.IN_DOUBT, None, reason))
-            self._fsync()
+        self.sync()
         return [recipient for recipient, _ in settled]
-
-    def refresh(self) -> None:
-        """Read the lines other processes appended since the last look."""
-        with self._lock:
-            self._catch_up()
-
-    def counts(self) -> Counter[Status]:
-        """Count recipients by their latest status."""
-        return Counter(self.statuses.values())
 
     def is_final(self, recipient: str) -> bool:
         """Tell whether nothing more will be attempted for this recipient."""
-        return self.statuses.get(recipient) in self._blocking - {Status.CLAIMED}
+        return self._status(recipient) in self._settled
+
+    def unsettled(self) -> set[str]:
+        """Name the recipients queued, claimed or deferred (and in doubt, if resent)."""
+        rows = self._index.execute(self._unsettled_query("address"), self._waiting)
+        return {address for (address,) in rows}
+
+    def remaining(self) -> int:
+        """Count the recipients queued, claimed or deferred (and in doubt, if resent)."""
+        return self._index.execute(self._unsettled_query("COUNT(*)"), self._waiting).fetchone()[0]
+
+    def _unsettled_query(self, what: str) -> str:
+        marks = ",".join("?" * len(self._waiting))
+        return f"SELECT {what} FROM recipients WHERE status IN ({marks})"
+
+    def open_claims(self) -> int:
+        """Count the claims that have no outcome yet."""
+        query = "SELECT COUNT(*) FROM recipients WHERE status = ?"
+        return self._index.execute(query, (Status.CLAIMED.value,)).fetchone()[0]
+
+    def counts(self) -> Counter[str]:
+        """Count recipients by their latest status."""
+        rows = self._index.execute("SELECT status, COUNT(*) FROM recipients GROUP BY status")
+        return Counter(dict(rows.fetchall()))
 
     # Inside the lock.
+
+    def _locked(self) -> AbstractContextManager[object]:
+        return self._file_lock or _Flock(self._fd)
+
+    def _status(self, recipient: str) -> str | None:
+        row = self._index.execute(
+            "SELECT status FROM recipients WHERE address = ?", (recipient,)
+        ).fetchone()
+        return row[0] if row else None
 
     def _append(self, recipient: str, message_id: str, outcome: Outcome) -> None:
         line = format_line(self.campaign, recipient, outcome, message_id, self.worker)
         os.write(self._fd, line)
-        self._offset += len(line)
-        self._note(recipient, outcome.status, message_id, self.worker)
         self._dirty = True
+        self._index.execute(
+            "INSERT OR REPLACE INTO recipients VALUES (?, ?, ?, ?)",
+            (recipient, outcome.status.value, self.worker, message_id),
+        )
+        self._index.commit()
 
-    def _fsync(self) -> None:
-        os.fsync(self._fd)
-        self._dirty = False
+    def _rebuild_index(self) -> None:
+        """Derive every recipient's latest status from the CSV."""
+        self._index.execute("DELETE FROM recipients")
+        latest = {row["recipient"]: row for row in read_rows(self.path)}
+        self._index.executemany(
+            "INSERT INTO recipients VALUES (?, ?, ?, ?)",
+            ((r, row["status"], row["worker"], row["message_id"]) for r, row in latest.items()),
+        )
+        self._index.commit()
 
-    def _catch_up(self) -> None:
-        """Apply the complete lines appended since the last read."""
-        size = os.fstat(self._fd).st_size
-        if size <= self._offset:
-            return
-        chunk = self._tail + os.pread(self._fd, size - self._offset, self._offset)
-        self._offset = size
-        complete, _, self._tail = chunk.rpartition(b"\n")
-        for row in parse_lines(complete, self.path):
-            self._note(row["recipient"], Status(row["status"]), row["message_id"], row["worker"])
 
-    def _note(self, recipient: str, status: Status, message_id: str, worker: str) -> None:
-        self.statuses[recipient] = status
-        if status is Status.CLAIMED:
-            self.open_claims[recipient] = (worker, message_id)
-        else:
-            self.open_claims.pop(recipient, None)
+class _Flock:
+    """An exclusive lock on an open file, for as long as the `with` block runs."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *_exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
+def _open_index(path: Path) -> sqlite3.Connection:
+    """Open the index; it is derived data, so it is not fsync'd."""
+    index = sqlite3.connect(path, timeout=60, check_same_thread=False, isolation_level=None)
+    index.execute("PRAGMA journal_mode = WAL")
+    index.execute("PRAGMA synchronous = OFF")
+    index.execute(
+        "CREATE TABLE IF NOT EXISTS recipients (address TEXT PRIMARY KEY, status TEXT NOT NULL,"
+        " worker TEXT, message_id TEXT) WITHOUT ROWID"
+    )
+    index.execute("CREATE INDEX IF NOT EXISTS by_status ON recipients (status)")
+    index.isolation_level = "DEFERRED"
+    return index
 
 
 def format_line(
@@ -233,25 +306,17 @@ def safe_cell(text: str) -> str:
     return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
-def parse_lines(data: bytes, path: Path) -> Iterator[dict[str, str]]:
-    """Parse complete sent-log lines (no header) into rows keyed by column."""
-    if not data:
-        return
-    for fields in csv.reader(io.StringIO(data.decode("utf-8"))):
-        if fields and fields[0] == COLUMNS[0]:
-            continue
-        if len(fields) != len(COLUMNS):
-            raise SentLogError(
-                f"{path}: a line has {len(fields)} fields instead of {len(COLUMNS)}: {fields!r}"
-            )
-        yield dict(zip(COLUMNS, fields, strict=True))
-
-
 def read_rows(path: Path) -> Iterator[dict[str, str]]:
-    """Read every complete line of a sent-log, for reports and checks."""
-    data = path.read_bytes()
-    complete, _, _ = data.rpartition(b"\n")
-    yield from parse_lines(complete, path)
+    """Read every complete line of a sent-log, for the index, reports and checks."""
+    with path.open(newline="", encoding="utf-8") as file:
+        for number, fields in enumerate(csv.reader(file), start=1):
+            if number == 1 and fields == list(COLUMNS):
+                continue
+            if len(fields) != len(COLUMNS):
+                raise SentLogError(
+                    f"{path}: line {number} has {len(fields)} fields instead of {len(COLUMNS)}"
+                )
+            yield dict(zip(COLUMNS, fields, strict=True))
 
 
 def _create_or_repair(path: Path) -> int:

@@ -14,17 +14,20 @@ From a shell, appending every accepted message to an mbox file::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import mailbox
 import signal
 import socket
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ Reply = tuple[int, str]
 # Decides, per accepted message, whether to drop the connection instead of answering DATA.
 DropRule = bool | Callable[[Accepted], bool]
 
+# Seconds to wait before answering DATA, for every message or per accepted message.
+DelayRule = float | Callable[[Accepted], float]
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port on host that nothing listens on right now."""
@@ -53,13 +59,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class RecordingRelay:
-    """Accept every message on host:port and record it; refuse or drop on request.
+    """Accept every message on host:port and record it; refuse, drop or stall on request.
 
     refuse maps a recipient address (any case) to the reply its RCPT gets instead of 250.
+    refuse_next maps an address to a list of replies its next RCPTs get, one each, before
+    it is treated as usual: [(451, "busy")] * 2 refuses twice, then accepts.
     drop_after_data, when true (or when it returns true for a message), records the
     message and then closes the connection without answering the final ".": the client
-    cannot know whether the relay took the message. Both may be changed while running.
-    on_accept, if given, is called with each Accepted on the relay's event-loop thread.
+    cannot know whether the relay took the message. data_delay_s (seconds, or a function
+    of the message) records the message, then waits that long before answering the final
+    ".". closing, when true, has every MAIL's RCPT answered by closing the connection: a
+    relay going down, whose clients learn before sending a message that it has nothing.
+    All of these may be changed while running.
+    on_accept, if given, is called with each Accepted on the relay's event-loop thread;
+    it must not call stop() (stop waits for that thread).
+
+    stop() and start() may alternate on the same port: the record is kept across them.
     """
 
     def __init__(
@@ -68,31 +83,54 @@ class RecordingRelay:
         port: int | None = None,
         *,
         refuse: dict[str, Reply] | None = None,
+        refuse_next: dict[str, list[Reply]] | None = None,
         drop_after_data: DropRule = False,
+        data_delay_s: DelayRule = 0.0,
         on_accept: Callable[[Accepted], None] | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.refuse: dict[str, Reply] = dict(refuse or {})
+        self.refuse_next: dict[str, list[Reply]] = {
+            address: list(replies) for address, replies in (refuse_next or {}).items()
+        }
         self.drop_after_data: DropRule = drop_after_data
+        self.data_delay_s: DelayRule = data_delay_s
         self.on_accept = on_accept
 
         self._lock = threading.Lock()
         self._messages: list[Accepted] = []
         self._per_address: Counter[str] = Counter()
-        self._controller: Controller | None = None
+        self._rcpts: Counter[str] = Counter()
+        self.closing = False
+        self._controller: _Controller | None = None
 
     def start(self) -> RecordingRelay:
         """Start listening; return once the relay answers."""
-        self._controller = Controller(_Handler(self), hostname=self.host, port=self.port)
+        self.closing = False
+        self._controller = _Controller(_Handler(self), hostname=self.host, port=self.port)
         self._controller.start()
         return self
 
-    def stop(self) -> None:
-        """Stop listening and close open connections."""
-        if self._controller is not None:
-            self._controller.stop()
-            self._controller = None
+    def stop(self, *, graceful: bool = False, timeout_s: float = 60.0) -> None:
+        """Stop listening and close open connections.
+
+        graceful sets `closing` and lets every transaction that got past RCPT finish with
+        its answer first, so that no client is left in doubt. It waits at most timeout_s
+        seconds for that.
+        """
+        controller, self._controller = self._controller, None
+        if controller is None:
+            return
+        if graceful:
+            self.closing = True
+            deadline = time.monotonic() + timeout_s
+            while controller.on_loop(controller.busy_connections()) and (
+                time.monotonic() < deadline
+            ):
+                time.sleep(0.05)
+        controller.on_loop(controller.close_connections())
+        controller.stop()
 
     def __enter__(self) -> RecordingRelay:
         return self.start()
@@ -115,8 +153,18 @@ class RecordingRelay:
         with self._lock:
             return len(self._messages)
 
+    def rcpt_count(self, address: str) -> int:
+        """Return how many RCPT commands named address, refused or not."""
+        with self._lock:
+            return self._rcpts[address.lower()]
+
     def _refusal(self, address: str) -> Reply | None:
         wanted = address.lower()
+        with self._lock:
+            self._rcpts[wanted] += 1
+        for scripted_for, replies in list(self.refuse_next.items()):
+            if scripted_for.lower() == wanted and replies:
+                return replies.pop(0)
         for refused, reply in list(self.refuse.items()):
             if refused.lower() == wanted:
                 return reply
@@ -133,6 +181,40 @@ class RecordingRelay:
         rule = self.drop_after_data
         return rule(message) if callable(rule) else bool(rule)
 
+    def _delay_s(self, message: Accepted) -> float:
+        rule = self.data_delay_s
+        return float(rule(message) if callable(rule) else rule)
+
+
+class _Controller(Controller):
+    """aiosmtpd's controller, keeping track of the connections it serves."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections: list[SMTP] = []
+
+    def factory(self) -> SMTP:
+        connection = super().factory()
+        self.connections.append(connection)
+        return connection
+
+    def on_loop(self, coroutine):
+        """Run a coroutine on the relay's event loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    async def busy_connections(self) -> int:
+        """Count the connections in a transaction that got past RCPT."""
+        self.connections = [c for c in self.connections if c.transport is not None]
+        return sum(1 for c in self.connections if c.envelope and c.envelope.rcpt_tos)
+
+    async def close_connections(self) -> None:
+        """Close every open connection, and let the closes reach the sockets."""
+        for connection in self.connections:
+            if connection.transport is not None:
+                connection.transport.close()
+        self.connections.clear()
+        await asyncio.sleep(0.05)
+
 
 class _Handler:
     """The aiosmtpd hooks; they run on the controller's event-loop thread."""
@@ -141,6 +223,11 @@ class _Handler:
         self.relay = relay
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
+        # A relay going down: the client hears nothing, before it has sent any message.
+        if self.relay.closing:
+            server.transport.close()
+            return "421 closing"
+
         reply = self.relay._refusal(address)
         if reply is not None:
             code, text = reply
@@ -163,6 +250,12 @@ class _Handler:
         # The relay has the message, but the client never hears so: its in-doubt window.
         if self.relay._should_drop(accepted):
             server.transport.close()
+            return "250 OK: queued"
+
+        # A slow relay; asyncio's sleep, so that the other connections are served meanwhile.
+        delay_s = self.relay._delay_s(accepted)
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
         return "250 OK: queued"
 
 
