@@ -133,22 +133,41 @@ class Mailer:
         self, smtp: smtplib.SMTP, sender: str, recipient: str, message: bytes
     ) -> Attempt | None:
         """Send MAIL, RCPT and DATA; return the refusal, or None once DATA may follow."""
-        options = []
+        smtp.ehlo_or_helo_if_needed()
+        options = ""
         if not message.isascii() and smtp.has_extn("8bitmime"):
-            options.append("BODY=8BITMIME")
+            options += " BODY=8BITMIME"
+        smtp.command_encoding = "ascii"
         if not (sender + recipient).isascii():
             if not smtp.has_extn("smtputf8"):
                 return Attempt(
                     Result.REFUSED_FOR_GOOD, None, "the relay does not announce SMTPUTF8"
                 )
-            options.append("SMTPUTF8")
+            options += " SMTPUTF8"
+            smtp.command_encoding = "utf-8"
+        commands = (
+            (f"MAIL FROM:{smtplib.quoteaddr(sender)}{options}", (250,)),
+            (f"RCPT TO:{smtplib.quoteaddr(recipient)}", (250, 251)),
+            ("DATA", (354,)),
+        )
 
-        for (code, reply), accepted in (
-            (smtp.mail(sender, options), (250,)),
-            (smtp.rcpt(recipient), (250, 251)),
-            (smtp.docmd("DATA"), (354,)),
-        ):
+        # A relay that announces PIPELINING takes the three commands in one write.
+        replies = []
+        if smtp.has_extn("pipelining"):
+            smtp.send("".join(f"{command}\r\n" for command, _ in commands))
+            replies = [smtp.getreply() for _ in commands]
+        else:
+            for command, accepted in commands:
+                smtp.putcmd(command)
+                replies.append(smtp.getreply())
+                if replies[-1][0] not in accepted:
+                    break
+
+        for (_, accepted), (code, reply) in zip(commands, replies, strict=False):
             if code not in accepted:
+                if len(replies) == len(commands) and replies[-1][0] == 354:
+                    smtp.send(".\r\n")  # DATA was taken after all: end it empty
+                    smtp.getreply()
                 self._reset()
                 return self._verdict(code, reply, accepted=())
         return None

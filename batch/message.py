@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import quopri
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.header import Header
@@ -51,7 +52,9 @@ class Template:
         )
         self.headers = [(field, self._compile(value, line)) for field, value, line in header_lines]
         self.body = self._compile(body, body_line)
-        self.variables = self._variables(header_lines, body)
+        self.header_variables = [self._names(value) for _, value, _ in header_lines]
+        self.body_variables = self._names(body)
+        self.variables = self.body_variables.union(*self.header_variables)
         self.sender = self._sender()
 
     @classmethod
@@ -71,12 +74,9 @@ class Template:
             line = first_line + (error.lineno or 1) - 1
             raise TemplateError(f"{self.name}: line {line}: {error.message}") from None
 
-    def _variables(self, header_lines: list[tuple[str, str, int]], body: str) -> set[str]:
-        """List the column names the template uses."""
-        names: set[str] = set()
-        for source in [value for _, value, _ in header_lines] + [body]:
-            names |= jinja2.meta.find_undeclared_variables(self._env.parse(source))
-        return names
+    def _names(self, source: str) -> set[str]:
+        """List the column names one part of the template uses."""
+        return jinja2.meta.find_undeclared_variables(self._env.parse(source))
 
     def _sender(self) -> str:
         """Find the envelope sender in the From header; it must not depend on the row."""
@@ -104,12 +104,24 @@ class Template:
 
 
 class Composer:
-    """Stamp a campaign's template for each recipient."""
+    """Stamp a campaign's template for each recipient.
+
+    Parts that use no column (often From, Reply-To, sometimes the body) are rendered and
+    encoded once; per recipient only the rest is rendered.
+    """
 
     def __init__(self, template: Template, campaign: str) -> None:
         self.template = template
         self.campaign = campaign
         self._domain = template.sender.rpartition("@")[2]
+        self._headers: list[tuple[str, jinja2.Template | None, str]] = [
+            (name, tmpl, "" if names else _header(name, tmpl.render()))
+            for (name, tmpl), names in zip(
+                template.headers, template.header_variables, strict=True
+            )
+        ]
+        self._body = None if template.body_variables else _encode_body(template.body.render())
+        self._date = (0, "")
 
     def message_id(self, recipient: str) -> str:
         """Derive the Message-ID from campaign and recipient: the same on every attempt."""
@@ -119,22 +131,30 @@ class Composer:
     def compose(self, recipient: str, fields: Mapping[str, str]) -> Letter:
         """Render the template for one recipient and encode it for SMTP."""
         try:
-            headers = [(name, tmpl.render(fields)) for name, tmpl in self.template.headers]
-            body = self.template.body.render(fields)
+            lines = [
+                static or _header(name, tmpl.render(fields))
+                for name, tmpl, static in self._headers
+            ]
+            encoding, payload = self._body or _encode_body(self.template.body.render(fields))
         except jinja2.UndefinedError as error:
             raise TemplateError(f"{self.template.name}: {error.message}") from None
 
         message_id = self.message_id(recipient)
-        lines = [_header(name, value) for name, value in headers]
-        lines.append(_header("To", recipient))
-        lines.append(f"Date: {formatdate(usegmt=True)}")
+        lines.append(f"To: {recipient}" if recipient.isascii() else _header("To", recipient))
+        lines.append(f"Date: {self._now()}")
         lines.append(f"Message-ID: {message_id}")
         lines.append("MIME-Version: 1.0")
         lines.append('Content-Type: text/plain; charset="utf-8"')
-        encoding, payload = _encode_body(body)
         lines.append(f"Content-Transfer-Encoding: {encoding}")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
         return Letter(self.template.sender, recipient, message_id, head + payload)
+
+    def _now(self) -> str:
+        """Format the Date header, once a second."""
+        second = int(time.time())
+        if self._date[0] != second:
+            self._date = (second, formatdate(second, usegmt=True))
+        return self._date[1]
 
 
 def _split(text: str, name: str) -> tuple[list[tuple[str, str, int]], str, int]:

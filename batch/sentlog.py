@@ -22,15 +22,17 @@ from it, and the launcher rebuilds it from the CSV at the start of every run.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
+import re
 import socket
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
@@ -55,6 +57,7 @@ COLUMNS = (
 )
 HEADER = (",".join(COLUMNS) + "\n").encode()
 
+NEEDS_QUOTES = re.compile(r'[,"\r\n]')
 # Characters that make a spreadsheet read a cell as a formula (OWASP's CSV injection list).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -177,11 +180,11 @@ class SentLog:
                     recipients,
                 ).fetchall()
             )
-            self._index.executemany(
-                "INSERT OR IGNORE INTO recipients (address, status) VALUES (?, ?)",
-                [(r, QUEUED) for r in recipients if r not in known],
-            )
-            self._index.commit()
+            with self._index:
+                self._index.executemany(
+                    "INSERT OR IGNORE INTO recipients (address, status) VALUES (?, ?)",
+                    [(r, QUEUED) for r in recipients if r not in known],
+                )
         return {r: known.get(r, QUEUED) for r in recipients if known.get(r) not in self._settled}
 
     def settle_open_claims(self, reason: str, worker: str | None = None) -> list[str]:
@@ -241,17 +244,19 @@ class SentLog:
             "INSERT OR REPLACE INTO recipients VALUES (?, ?, ?, ?)",
             (recipient, outcome.status.value, self.worker, message_id),
         )
-        self._index.commit()
 
     def _rebuild_index(self) -> None:
         """Derive every recipient's latest status from the CSV."""
-        self._index.execute("DELETE FROM recipients")
         latest = {row["recipient"]: row for row in read_rows(self.path)}
-        self._index.executemany(
-            "INSERT INTO recipients VALUES (?, ?, ?, ?)",
-            ((r, row["status"], row["worker"], row["message_id"]) for r, row in latest.items()),
-        )
-        self._index.commit()
+        with self._index:
+            self._index.execute("DELETE FROM recipients")
+            self._index.executemany(
+                "INSERT INTO recipients VALUES (?, ?, ?, ?)",
+                (
+                    (r, row["status"], row["worker"], row["message_id"])
+                    for r, row in latest.items()
+                ),
+            )
 
 
 class _Flock:
@@ -268,7 +273,7 @@ class _Flock:
 
 
 def _open_index(path: Path) -> sqlite3.Connection:
-    """Open the index; it is derived data, so it is not fsync'd."""
+    """Open the index in autocommit mode; it is derived data, so it is not fsync'd."""
     index = sqlite3.connect(path, timeout=60, check_same_thread=False, isolation_level=None)
     index.execute("PRAGMA journal_mode = WAL")
     index.execute("PRAGMA synchronous = OFF")
@@ -277,7 +282,6 @@ def _open_index(path: Path) -> sqlite3.Connection:
         " worker TEXT, message_id TEXT) WITHOUT ROWID"
     )
     index.execute("CREATE INDEX IF NOT EXISTS by_status ON recipients (status)")
-    index.isolation_level = "DEFERRED"
     return index
 
 
@@ -285,20 +289,33 @@ def format_line(
     campaign: str, recipient: str, outcome: Outcome, message_id: str, worker: str
 ) -> bytes:
     """Render one sent-log line, safe to open in a spreadsheet."""
-    reply = safe_cell(" ".join(outcome.smtp_reply.split()))
     fields = (
-        datetime.now(UTC).isoformat(timespec="milliseconds"),
+        _timestamp(),
         campaign,
         recipient,
         outcome.status.value,
         "" if outcome.smtp_code is None else str(outcome.smtp_code),
-        reply,
+        safe_cell(" ".join(outcome.smtp_reply.split())),
         message_id,
         worker,
     )
+    if not any(NEEDS_QUOTES.search(field) for field in fields):
+        return (",".join(fields) + "\n").encode()
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(fields)
     return buffer.getvalue().encode()
+
+
+def _timestamp() -> str:
+    """Format now in UTC as ISO 8601 with milliseconds."""
+    now = time.time()
+    second = int(now)
+    return f"{_second(second)}.{int((now - second) * 1000):03d}+00:00"
+
+
+@functools.lru_cache(maxsize=4)
+def _second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def safe_cell(text: str) -> str:
