@@ -145,7 +145,7 @@ def parser(epilog: str) -> argparse.ArgumentParser:
         parser.add_argument(
             "--" + option.name.replace("_", "-"),
             metavar=option.name.upper(),
-            help=option.help + default,
+            help=(option.help + default).replace("%", "%%"),
         )
     parser.add_argument("-v", "--verbose", action="count", help="log more")
     parser.add_argument("-q", "--quiet", action="count", help="log only warnings and errors")

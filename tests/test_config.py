@@ -1,0 +1,85 @@
+"""Options from a TOML file, the environment and flags, and the command's help."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batch import config
+from batch.errors import UsageError
+from tests.conftest import run_batch
+
+REQUIRED = ["--source", "list.csv", "--template", "t.txt"]
+
+
+def test_a_flag_wins_over_the_environment_which_wins_over_the_file(tmp_path, monkeypatch):
+    file = tmp_path / "massmail.toml"
+    file.write_text('smtp_host = "from-file"\nsmtp_port = 2525\nworkers = 3\n')
+    monkeypatch.setenv("MASSMAIL_SMTP_HOST", "from-env")
+    monkeypatch.setenv("MASSMAIL_WORKERS", "5")
+
+    settings = config.load([*REQUIRED, "--config", str(file), "--workers", "7"])
+
+    assert (settings.smtp_host, settings.smtp_port, settings.workers) == ("from-env", 2525, 7)
+
+
+def test_the_relay_port_follows_the_tls_mode_unless_given():
+    assert config.load([*REQUIRED, "--smtp-tls", "ssl"]).smtp_port == 465
+    assert config.load([*REQUIRED, "--smtp-tls", "starttls"]).smtp_port == 587
+    assert config.load([*REQUIRED, "--smtp-tls", "none", "--smtp-port", "2525"]).smtp_port == 2525
+
+
+def test_an_unknown_key_in_the_file_is_refused_with_the_file_and_key(tmp_path):
+    file = tmp_path / "massmail.toml"
+    file.write_text('smpt_host = "typo"\n')
+
+    with pytest.raises(UsageError, match=rf"{file}: unknown option smpt_host"):
+        config.load([*REQUIRED, "--config", str(file)])
+
+
+def test_a_password_in_the_file_is_refused_and_never_echoed(tmp_path):
+    file = tmp_path / "massmail.toml"
+    file.write_text('smtp_password = "hunter2-secret"\n')
+
+    with pytest.raises(UsageError) as raised:
+        config.load([*REQUIRED, "--config", str(file)])
+
+    assert "MASSMAIL_SMTP_PASSWORD" in str(raised.value)
+    assert "hunter2-secret" not in str(raised.value)
+
+
+def test_a_bad_value_names_where_it_came_from(monkeypatch):
+    monkeypatch.setenv("MASSMAIL_WORKERS", "many")
+
+    with pytest.raises(UsageError, match=r"\$MASSMAIL_WORKERS: 'many'"):
+        config.load(REQUIRED)
+
+
+def test_the_password_comes_from_the_environment_and_stays_out_of_the_repr(monkeypatch):
+    monkeypatch.setenv("MASSMAIL_SMTP_PASSWORD", "hunter2-secret")
+
+    settings = config.load([*REQUIRED, "--smtp-user", "mailer@example.com"])
+
+    assert settings.smtp_password == "hunter2-secret"
+    assert "hunter2-secret" not in repr(settings)
+
+
+def test_help_lists_every_exit_code_and_an_example():
+    result = run_batch(["--help"], timeout_s=60)
+
+    assert result.returncode == 0
+    for code in ("0", "1", "2", "3", "70", "75"):
+        assert f"\n  {code} " in result.stdout
+    assert "python -m batch.run --source" in result.stdout
+
+
+def test_a_missing_template_is_a_usage_error_naming_the_file(tmp_path):
+    source = tmp_path / "list.csv"
+    source.write_text("email\nann@example.com\n")
+    missing = Path(tmp_path / "nowhere.txt")
+
+    result = run_batch(["--source", str(source), "--template", str(missing)], timeout_s=60)
+
+    assert result.returncode == 2
+    assert str(missing) in result.stderr
