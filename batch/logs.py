@@ -14,5 +14,7 @@ def setup_logging(verbosity: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(logging.DEBUG, min(level, logging.ERROR)))
-    logging.getLogger("pika").setLevel(logging.WARNING if level <= logging.INFO else level)
-    logging.getLogger("yagmail").setLevel(logging.WARNING)
+    # The broker and mailer modules report these libraries' failures in their own words.
+    quiet_libraries = logging.CRITICAL if verbosity < 1 else logging.DEBUG
+    for library in ("pika", "yagmail"):
+        logging.getLogger(library).setLevel(quiet_libraries)

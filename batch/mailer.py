@@ -117,7 +117,8 @@ class Mailer:
             smtp.send(_dot_stuffed(message))
         except (OSError, smtplib.SMTPServerDisconnected) as error:
             self._drop()
-            return Attempt(Result.NOT_REACHED, None, _describe(error))
+            reason = f"connection lost before the end of DATA: {_describe(error)}"
+            return Attempt(Result.NOT_REACHED, None, f"relay {self.settings.describe()}: {reason}")
 
         # After it, only the relay's answer tells; without one, nobody knows.
         try:
@@ -132,7 +133,11 @@ class Mailer:
     def _envelope(
         self, smtp: smtplib.SMTP, sender: str, recipient: str, message: bytes
     ) -> Attempt | None:
-        """Send MAIL, RCPT and DATA; return the refusal, or None once DATA may follow."""
+        """Send MAIL, RCPT and DATA; return the refusal, or None once DATA may follow.
+
+        Both addresses come validated (no spaces, brackets or line breaks), so they go
+        into the commands as they are.
+        """
         smtp.ehlo_or_helo_if_needed()
         options = ""
         if not message.isascii() and smtp.has_extn("8bitmime"):
@@ -146,8 +151,8 @@ class Mailer:
             options += " SMTPUTF8"
             smtp.command_encoding = "utf-8"
         commands = (
-            (f"MAIL FROM:{smtplib.quoteaddr(sender)}{options}", (250,)),
-            (f"RCPT TO:{smtplib.quoteaddr(recipient)}", (250, 251)),
+            (f"MAIL FROM:<{sender}>{options}", (250,)),
+            (f"RCPT TO:<{recipient}>", (250, 251)),
             ("DATA", (354,)),
         )
 

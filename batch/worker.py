@@ -55,19 +55,18 @@ class WorkerSettings:
     max_attempts: int
     prefetch: int
     resend_in_doubt: bool
-    launcher_pid: int
     verbosity: int
     heartbeat_s: int
     reconnect_for_s: float  # how long to keep trying a lost broker or relay
 
 
-def main(settings: WorkerSettings, stop: Any) -> None:
-    """Run one worker until `stop` is set; exit with an ExitCode."""
+def main(settings: WorkerSettings, stop: Any, lifeline: Any) -> None:
+    """Run one worker until `stop` is set or `lifeline` closes; exit with an ExitCode."""
     setup_logging(settings.verbosity)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when to stop
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        code = Worker(settings, stop).run()
+        code = Worker(settings, stop, lifeline).run()
     except BatchError as error:
         log.error("%s", error)
         code = error.exit_code
@@ -77,9 +76,10 @@ def main(settings: WorkerSettings, stop: Any) -> None:
 class Worker:
     """One broker connection, one relay session, one sender thread."""
 
-    def __init__(self, settings: WorkerSettings, stop: Any) -> None:
+    def __init__(self, settings: WorkerSettings, stop: Any, lifeline: Any) -> None:
         self.settings = settings
         self.stop = stop
+        self.lifeline = lifeline
         self.exit_code = ExitCode.OK
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.done: list[Delivery] = []
@@ -100,7 +100,6 @@ class Worker:
     def run(self) -> ExitCode:
         """Consume until told to stop, then finish the delivery in hand and leave."""
         self.broker.connect()
-        self.mailer.open()
         sender = threading.Thread(target=self._send_loop, name="sender", daemon=True)
         sender.start()
         self.broker.consume(self.settings.prefetch, self.inbox.put)
@@ -112,6 +111,9 @@ class Worker:
                 log.warning("%s; reconnecting", error)
                 self._reconnect_broker()
 
+        # Deliveries not begun go back to the queue when the connection closes.
+        with self.inbox.mutex:
+            self.inbox.queue.clear()
         self.inbox.put(STOP)
         sender.join()
         self._drain_callbacks()
@@ -123,7 +125,7 @@ class Worker:
     def _should_stop(self, sender: threading.Thread) -> bool:
         if self.stop.is_set() or not sender.is_alive():
             return True
-        if os.getppid() != self.settings.launcher_pid:
+        if self.lifeline.poll():
             log.warning("the launcher is gone; stopping")
             return True
         return False
@@ -203,8 +205,12 @@ class Worker:
             return
 
         self.sending = (recipient, message_id, True)
-        outcome = self._outcome(self._send(letter.sender, recipient, letter.data), delivery)
+        attempt = self._send(letter.sender, recipient, letter.data)
+        outcome = self._outcome(attempt, delivery)
         self.ledger.record(recipient, message_id, outcome)
+        if attempt.result is Result.NOT_REACHED:
+            # The delivery stays unacked and goes back to the queue when this worker stops.
+            raise Unavailable(f"{attempt.reply} (for {self.settings.reconnect_for_s:.0f} s)")
         if outcome.status is Status.DEFERRED:
             self._flush()
             self.broker.call_soon(partial(self.broker.retry_later, delivery))
@@ -216,19 +222,18 @@ class Worker:
         deadline = time.monotonic() + self.settings.reconnect_for_s
         pause = 0.5
         while True:
-            attempt = self.mailer.send(sender, recipient, data)
+            try:
+                attempt = self.mailer.send(sender, recipient, data)
+            except Unavailable as error:
+                attempt = Attempt(Result.NOT_REACHED, None, str(error))
             if attempt.result is not Result.NOT_REACHED:
                 return attempt
             if time.monotonic() + pause > deadline:
                 return attempt
             # Nothing reached the relay, so the same claim may carry a second try.
-            log.warning("relay: %s; trying again in %.1f s", attempt.reply, pause)
+            log.warning("%s; trying again in %.1f s", attempt.reply, pause)
             time.sleep(pause)
             pause = min(pause * 2, 10)
-            try:
-                self.mailer.open()
-            except Unavailable as error:
-                log.warning("%s", error)
 
     def _outcome(self, attempt: Attempt, delivery: Delivery) -> Outcome:
         """Turn the relay's answer into what the sent-log records."""
@@ -240,7 +245,7 @@ class Worker:
             case Result.IN_DOUBT:
                 return Outcome(Status.IN_DOUBT, attempt.code, attempt.reply)
             case Result.NOT_REACHED:
-                raise Unavailable(f"relay {self.settings.relay.describe()}: {attempt.reply}")
+                return Outcome(Status.DEFERRED, None, f"not sent: {attempt.reply}")
         if delivery.attempt >= self.settings.max_attempts:
             reply = f"gave up after {delivery.attempt} attempts: {attempt.reply}"
             return Outcome(Status.FAILED, attempt.code, reply)
