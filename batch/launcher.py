@@ -1,4 +1,4 @@
-"""The launcher, `python -m batch.run`: wires the pipeline together and watches it.
+"""The launcher: wires the pipeline together for one campaign and watches it.
 
 source -> recipients -> loader -> broker -> worker -> mailer -> sent-log
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import signal
 import sys
 import time
@@ -214,7 +213,6 @@ class Launcher:
             max_attempts=s.max_attempts,
             prefetch=s.prefetch,
             resend_in_doubt=s.in_doubt == "resend",
-            launcher_pid=os.getpid(),
             verbosity=s.verbosity,
             heartbeat_s=s.amqp_heartbeat,
             reconnect_for_s=s.reconnect_for,
@@ -354,7 +352,3 @@ def campaign_folder(state_dir: Path, campaign: str) -> Path:
     except OSError as error:
         raise UsageError(f"{folder}: cannot create the campaign folder: {error}") from None
     return folder
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import quopri
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from batch.errors import TemplateError
 FORBIDDEN_HEADERS = frozenset({"to", "cc", "bcc", "message-id", "date", "mime-version"})
 CONTENT_HEADERS = frozenset({"content-type", "content-transfer-encoding"})
 MAX_LINE_BYTES = 998
+PLAIN_ADDRESS = re.compile(r"[^\s<>()\[\],;:\"@]+@[^\s<>()\[\],;:\"@]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +90,8 @@ class Template:
                     raise TemplateError(
                         f"{self.name}: the From address must not use list columns"
                     ) from None
-                if "@" not in address:
-                    raise TemplateError(f"{self.name}: From has no address: {address!r}")
+                if not PLAIN_ADDRESS.fullmatch(address):
+                    raise TemplateError(f"{self.name}: From has no usable address: {address!r}")
                 return address
         raise TemplateError(f"{self.name}: the template has no From: header")
 
