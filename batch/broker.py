@@ -269,6 +269,16 @@ def decode(body: bytes) -> dict[str, Any]:
     return content
 
 
+def recipient_of(body: bytes) -> str | None:
+    """Find the recipient a message was meant for, even if the rest of it is broken."""
+    try:
+        content = json.loads(body)
+    except ValueError:
+        return None
+    recipient = content.get("recipient") if isinstance(content, dict) else None
+    return recipient if isinstance(recipient, str) else None
+
+
 def _dead_lettering(target: str, arguments: dict[str, Any]) -> dict[str, Any]:
     """Arguments of a quorum queue whose dead messages go to `target`, never dropped."""
     return {

@@ -18,7 +18,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from batch import config
-from batch.broker import Broker, decode, describe
+from batch.broker import Broker, describe, recipient_of
 from batch.config import Settings
 from batch.errors import AlreadyRunning, BatchError, ExitCode, Unavailable, UsageError
 from batch.loader import Loader
@@ -250,6 +250,7 @@ class Launcher:
 
             remaining = ledger.remaining()
             if loader.counts.done and not remaining:
+                broker.take_dead(partial(self.settle_dead_letter, ledger))
                 return ExitCode.OK
 
             now = time.monotonic()
@@ -280,13 +281,11 @@ class Launcher:
 
     def settle_dead_letter(self, ledger: SentLog, body: bytes) -> None:
         """Record a message the broker set aside as failed, unless it is settled already."""
-        try:
-            content = decode(body)
-        except ValueError:
+        recipient = recipient_of(body)
+        if recipient is None:
             self.unreadable += 1
             log.error("the broker set aside a message that is no recipient's: %.200r", body)
             return
-        recipient = content["recipient"]
         if ledger.is_final(recipient):
             return
         log.error("%s: its message was set aside after repeated failures", recipient)

@@ -168,16 +168,19 @@ class Worker:
         """Handle one delivery; a message that breaks its handling must not stop the rest."""
         self.sending = None
         try:
-            self._handle(delivery)
+            content = decode(delivery.body)
+        except ValueError as error:
+            log.error("a message is no recipient's (%s); setting it aside", error)
+            self._set_aside(delivery)
+            return
+        try:
+            self._handle(delivery, content)
         except (Unavailable, OSError):
             raise
         except Exception as error:
             log.error("cannot handle a message: %r", error, exc_info=True)
             if self.sending is None:
-                self._flush()
-                self.broker.call_soon(
-                    partial(self.broker.set_aside, delivery.generation, delivery.tag)
-                )
+                self._set_aside(delivery)
                 return
             # Claimed: whether DATA went out decides between failed and in doubt.
             recipient, message_id, data_started = self.sending
@@ -186,9 +189,13 @@ class Worker:
             self.ledger.record(recipient, message_id, Outcome(status, None, reply))
             self.done.append(delivery)
 
-    def _handle(self, delivery: Delivery) -> None:
+    def _set_aside(self, delivery: Delivery) -> None:
+        """Send a delivery to the dead-letter queue, where the launcher reports it."""
+        self._flush()
+        self.broker.call_soon(partial(self.broker.set_aside, delivery.generation, delivery.tag))
+
+    def _handle(self, delivery: Delivery, content: dict[str, Any]) -> None:
         """Claim, send, record; the ack follows once the outcome is durable."""
-        content = decode(delivery.body)
         recipient = content["recipient"]
         message_id = self.composer.message_id(recipient)
         if not self.ledger.claim(recipient, message_id):

@@ -136,6 +136,15 @@ def job(tmp_path, amqp_url, relay):
     delete_queues(amqp_url, campaign)
 
 
+@pytest.fixture
+def slow_job(tmp_path, amqp_url):
+    """A fresh campaign whose relay waits 50 ms before answering each message."""
+    with RecordingRelay(data_delay_s=0.05) as relay:
+        campaign = f"test-{uuid.uuid4().hex[:12]}"
+        yield Job(tmp_path / "state", amqp_url, relay, campaign)
+        delete_queues(amqp_url, campaign)
+
+
 def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
     """Write a recipient list as a person would export it."""
     with path.open("w", newline="", encoding="utf-8") as file:

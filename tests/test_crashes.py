@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,14 +27,12 @@ from tests.conftest import (
     RUN_TIMEOUT_S,
     Job,
     broker_reachable,
-    delete_queues,
     people,
     received_counts,
     run_batch,
     write_csv,
     write_template,
 )
-from tests.relay import RecordingRelay
 
 SENT_LOG_FIELDS = 8
 CHAOS_RECIPIENTS = 3000
@@ -48,15 +45,6 @@ GONE_TIMEOUT_S = 30.0
 BROKER_BACK_TIMEOUT_S = 120.0
 RABBITMQCTL = shlex.split(os.environ.get("MASSMAIL_TEST_RABBITMQCTL", "rabbitmqctl"))
 ANCIENT = "2001-01-01T00:00:00.000+00:00"  # a timestamp no line of this run can have
-
-
-@pytest.fixture
-def slow_job(tmp_path, amqp_url):
-    """A fresh campaign whose relay waits 50 ms before answering each message."""
-    with RecordingRelay(data_delay_s=0.05) as relay:
-        campaign = f"test-{uuid.uuid4().hex[:12]}"
-        yield Job(tmp_path / "state", amqp_url, relay, campaign)
-        delete_queues(amqp_url, campaign)
 
 
 # Starting, killing and waiting for runs.
