@@ -171,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         say("machine: " + "; ".join(f"{key} {value}" for key, value in machine.items()))
         with tempfile.TemporaryDirectory(prefix="massmail-bench-") as tmp, SmtpSink() as sink:
             bench = Bench(Path(tmp), args.amqp_url, sink.port)
-            rows = bench.measure(args.sizes)
-            profile = bench.profile(args.sizes[0])
+            if args.memory_only:
+                rows, profile = bench.measure_memory(args.sizes), Profile.skipped()
+            else:
+                rows = bench.measure(args.sizes)
+                profile = bench.profile(args.sizes[0])
     except (BenchError, BatchError) as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return 1
@@ -203,6 +206,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true", help=f"add a size of {FULL_SIZE:,}")
     parser.add_argument("--quick", action="store_true", help=f"one size of {QUICK_SIZE:,} only")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table")
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="run only the job at each size and compare its peak RSS (for large sizes)",
+    )
     parser.add_argument(
         "--amqp-url",
         default=os.environ.get("MASSMAIL_TEST_AMQP_URL")
@@ -388,6 +396,17 @@ class Bench:
         rows = [make_row(MEMORY_BASELINE_SIZE, startup)]
         for position, n in enumerate(sizes):
             rows += self._size(n, memory_base, with_fixed=position == 0)
+        return rows
+
+    def measure_memory(self, sizes: list[int]) -> list[Row]:
+        """Take only the memory figures: the job's peak RSS at each size against a small run."""
+        small = self.run_job(MEMORY_BASELINE_SIZE, PERSONAL_TEMPLATE)
+        memory_base = Figure(f"job, {MEMORY_BASELINE_SIZE} recipients", small.peak_rss_mb, "MB")
+        rows = []
+        for n in sizes:
+            job = self.run_job(n, PERSONAL_TEMPLATE)
+            rows.append(make_row(n, Figure("job, personalised", job.rate, "msg/s")))
+            rows.append(make_row(n, Figure("job, peak RSS", job.peak_rss_mb, "MB"), memory_base))
         return rows
 
     def _size(self, n: int, memory_base: Figure, *, with_fixed: bool) -> list[Row]:
@@ -695,12 +714,28 @@ def rss_kb(pid: int) -> int:
 
 
 def is_worker(pid: int) -> bool:
-    """Tell a worker (spawned by multiprocessing) from the resource tracker and others."""
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
+    """Tell a worker from the resource tracker, the fork server and other processes."""
+    command = command_line(pid)
+    if "multiprocessing" not in command or "resource_tracker" in command:
         return False
-    return "multiprocessing" in command and "resource_tracker" not in command
+    # A fork server and the workers it forks share one command line: a worker is its child.
+    if "forkserver" in command:
+        return "forkserver" in command_line(parent_pid(pid))
+    return True
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def parent_pid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def stop_group(job: subprocess.Popen[bytes]) -> None:
@@ -773,6 +808,11 @@ class Profile:
             raise BenchError(f"profile: py-spy recorded no samples ({path})")
         return cls(total, owners.most_common(PROFILE_TOP), elsewhere)
 
+    @classmethod
+    def skipped(cls) -> Profile:
+        """No profile: for --memory-only runs."""
+        return cls(0, [], 0)
+
     def lines(self) -> Iterator[tuple[str, str]]:
         for label, samples in self.frames:
             yield f"{100 * samples / self.total:.1f}%", label
@@ -786,6 +826,8 @@ class Profile:
         )
 
     def text(self) -> str:
+        if not self.total:
+            return "Profile: not taken in this run."
         return "\n".join(
             [self.heading(), *(f"  {pct:>6}  {label}" for pct, label in self.lines())]
         )
@@ -840,8 +882,9 @@ def render_markdown(machine: dict[str, str], rows: list[Row], profile: Profile) 
     out += [f"| {key} | {value} |" for key, value in machine.items()]
     out += ["", "| " + " | ".join(COLUMNS) + " |", "|---|---:|---:|---|---:|---:|"]
     out += ["| " + " | ".join(cells(row)) + " |" for row in rows]
-    out += ["", profile.heading() + ":", "", "| share | frame |", "|---:|---|"]
-    out += [f"| {pct} | `{label}` |" for pct, label in profile.lines()]
+    if profile.total:
+        out += ["", profile.heading() + ":", "", "| share | frame |", "|---:|---|"]
+        out += [f"| {pct} | `{label}` |" for pct, label in profile.lines()]
     return "\n".join(out) + "\n"
 
 
