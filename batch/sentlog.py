@@ -126,6 +126,12 @@ class SentLog:
             self._settled.add(Status.IN_DOUBT)
         self._blocking = self._settled | {Status.CLAIMED}
         self._waiting = [str(s) for s in Status if s not in self._settled] + [QUEUED]
+        blocking = ", ".join(f"'{status}'" for status in sorted(self._blocking))
+        self._claim_sql = (
+            f"INSERT INTO recipients VALUES (?, '{Status.CLAIMED}', ?, ?) ON CONFLICT (address) "
+            "DO UPDATE SET status = excluded.status, worker = excluded.worker, "
+            f"message_id = excluded.message_id WHERE status NOT IN ({blocking})"
+        )
 
         if rebuild or not path.exists():
             self.torn_bytes = _create_or_repair(path)
@@ -141,9 +147,11 @@ class SentLog:
     def claim(self, recipient: str, message_id: str) -> bool:
         """Claim the recipient and fsync, unless it is claimed or settled already."""
         with self._locked():
-            if self._status(recipient) in self._blocking:
+            # One statement checks and claims: it changes no row if the recipient is taken.
+            claimed = self._index.execute(self._claim_sql, (recipient, self.worker, message_id))
+            if claimed.rowcount == 0:
                 return False
-            self._append(recipient, message_id, Outcome(Status.CLAIMED))
+            self._write(recipient, message_id, Outcome(Status.CLAIMED))
         self.sync()
         return True
 
@@ -236,10 +244,13 @@ class SentLog:
         ).fetchone()
         return row[0] if row else None
 
-    def _append(self, recipient: str, message_id: str, outcome: Outcome) -> None:
+    def _write(self, recipient: str, message_id: str, outcome: Outcome) -> None:
         line = format_line(self.campaign, recipient, outcome, message_id, self.worker)
         os.write(self._fd, line)
         self._dirty = True
+
+    def _append(self, recipient: str, message_id: str, outcome: Outcome) -> None:
+        self._write(recipient, message_id, outcome)
         self._index.execute(
             "INSERT OR REPLACE INTO recipients VALUES (?, ?, ?, ?)",
             (recipient, outcome.status.value, self.worker, message_id),
@@ -299,7 +310,8 @@ def format_line(
         message_id,
         worker,
     )
-    if not any(NEEDS_QUOTES.search(field) for field in fields):
+    # Only these two can hold a comma, a quote or a line break; the rest are ours.
+    if not (NEEDS_QUOTES.search(fields[5]) or NEEDS_QUOTES.search(recipient)):
         return (",".join(fields) + "\n").encode()
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(fields)

@@ -81,6 +81,7 @@ class Worker:
         self.stop = stop
         self.lifeline = lifeline
         self.exit_code = ExitCode.OK
+        self.giving_up = False  # the broker stayed away longer than reconnect_for_s
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.done: list[Delivery] = []
         self.sending: tuple[str, str, bool] | None = None  # recipient, Message-ID, DATA begun
@@ -123,7 +124,7 @@ class Worker:
         return self.exit_code
 
     def _should_stop(self, sender: threading.Thread) -> bool:
-        if self.stop.is_set() or not sender.is_alive():
+        if self.stop.is_set() or self.giving_up or not sender.is_alive():
             return True
         if self.lifeline.poll():
             log.warning("the launcher is gone; stopping")
@@ -137,7 +138,7 @@ class Worker:
         except Unavailable as error:
             log.error("%s; giving up", error)
             self.exit_code = ExitCode.TEMPFAIL
-            self.stop.set()
+            self.giving_up = True
             return
         self.broker.consume(self.settings.prefetch, self.inbox.put)
 
