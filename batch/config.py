@@ -24,6 +24,7 @@ ENV_PREFIX = "MASSMAIL_"
 PASSWORD_ENV = "MASSMAIL_SMTP_PASSWORD"
 CAMPAIGN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 DEFAULT_PORTS = {"none": 25, "starttls": 587, "ssl": 465}
+URL_PASSWORD = re.compile(r"(://[^:/@]*):[^@/]*@")
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -141,7 +142,7 @@ def parser(epilog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="a TOML file with any of these options")
     for option in OPTIONS:
-        default = "" if option.default is None else f" [{option.default}]"
+        default = "" if option.default is None else f" [{_shown(option.default)}]"
         parser.add_argument(
             "--" + option.name.replace("_", "-"),
             metavar=option.name.upper(),
@@ -150,6 +151,11 @@ def parser(epilog: str) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", help="log more")
     parser.add_argument("-q", "--quiet", action="count", help="log only warnings and errors")
     return parser
+
+
+def _shown(default: Any) -> str:
+    """Show a default in --help, a URL without its password, as the log shows it."""
+    return URL_PASSWORD.sub(r"\1@", str(default))
 
 
 def load(argv: Sequence[str] | None, epilog: str = "") -> Settings:

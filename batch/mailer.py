@@ -25,6 +25,7 @@ from enum import Enum
 import yagmail
 
 from batch.errors import Unavailable, UsageError
+from batch.recipients import envelope_form
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,12 @@ class Mailer:
     def __init__(self, settings: RelaySettings) -> None:
         self.settings = settings
         self._client: yagmail.SMTP | None = None
+        if settings.tls != "none" and not settings.verify_tls:
+            log.warning(
+                "relay %s: TLS certificate verification is off (--smtp-verify false): "
+                "anyone between here and the relay can read the mail and the password",
+                settings.describe(),
+            )
 
     def open(self) -> None:
         """Connect and log in; raise Unavailable or UsageError with the reason."""
@@ -136,18 +143,21 @@ class Mailer:
         """Send MAIL, RCPT and DATA; return the refusal, or None once DATA may follow.
 
         Both addresses come validated (no spaces, brackets or line breaks), so they go
-        into the commands as they are.
+        into the commands as they are, an internationalised domain as its A-label.
         """
         smtp.ehlo_or_helo_if_needed()
+        sender, recipient = envelope_form(sender), envelope_form(recipient)
         options = ""
         if not message.isascii() and smtp.has_extn("8bitmime"):
             options += " BODY=8BITMIME"
         smtp.command_encoding = "ascii"
         if not (sender + recipient).isascii():
             if not smtp.has_extn("smtputf8"):
-                return Attempt(
-                    Result.REFUSED_FOR_GOOD, None, "the relay does not announce SMTPUTF8"
+                reason = (
+                    "not sent: the address has non-ASCII letters before the @ and the relay "
+                    f"{self.settings.describe()} does not announce SMTPUTF8 (RFC 6531)"
                 )
+                return Attempt(Result.REFUSED_FOR_GOOD, None, reason)
             options += " SMTPUTF8"
             smtp.command_encoding = "utf-8"
         commands = (

@@ -25,11 +25,13 @@ import jinja2
 import jinja2.meta
 
 from batch.errors import TemplateError
+from batch.recipients import envelope_form
 
 FORBIDDEN_HEADERS = frozenset({"to", "cc", "bcc", "message-id", "date", "mime-version"})
 CONTENT_HEADERS = frozenset({"content-type", "content-transfer-encoding"})
 MAX_LINE_BYTES = 998
 PLAIN_ADDRESS = re.compile(r"[^\s<>()\[\],;:\"@]+@[^\s<>()\[\],;:\"@]+")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")  # tab and line breaks included
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,14 +143,16 @@ class Composer:
         except jinja2.UndefinedError as error:
             raise TemplateError(f"{self.template.name}: {error.message}") from None
 
+        # The address is validated (no spaces, commas or line breaks), so it goes in as it
+        # is; a non-ASCII local part stays raw UTF-8, as SMTPUTF8 mail carries it (RFC 6532).
         message_id = self.message_id(recipient)
-        lines.append(f"To: {recipient}" if recipient.isascii() else _header("To", recipient))
+        lines.append(f"To: {envelope_form(recipient)}")
         lines.append(f"Date: {self._now()}")
         lines.append(f"Message-ID: {message_id}")
         lines.append("MIME-Version: 1.0")
         lines.append('Content-Type: text/plain; charset="utf-8"')
         lines.append(f"Content-Transfer-Encoding: {encoding}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
         return Letter(self.template.sender, recipient, message_id, head + payload)
 
     def _now(self) -> str:
@@ -181,16 +185,26 @@ def _split(text: str, name: str) -> tuple[list[tuple[str, str, int]], str, int]:
 
 
 def _header(name: str, value: str) -> str:
-    """Encode one header on one logical line; line breaks in the value become spaces."""
-    value = " ".join(value.split())
+    """Encode one header on one logical line; line breaks in the value become spaces.
+
+    A value that is not plain ASCII, looks like an encoded word already ("=?"), or holds a
+    word too long to fold within 998 bytes goes out as RFC 2047 encoded words, which a mail
+    program shows exactly as the column held it.
+    """
+    value = " ".join(CONTROL_CHARACTERS.sub(" ", value).split())
     if name.lower() in {"from", "reply-to", "to", "sender"}:
         display, address = parseaddr(value)
-        if address and "@" in address:
+        address = envelope_form(address)
+        if "@" in address and address.isascii():
             value = formataddr((display, address), charset="utf-8")
-    if value.isascii() and len(name) + len(value) < 76:
+    plain = value.isascii() and "=?" not in value
+    if plain and len(name) + len(value) < 76:
         return f"{name}: {value}"
-    charset = "us-ascii" if value.isascii() else "utf-8"
-    encoded = Header(value, charset, header_name=name).encode(linesep="\r\n")
+    if plain:
+        folded = Header(value, "us-ascii", header_name=name).encode(linesep="\r\n")
+        if all(len(line) <= MAX_LINE_BYTES - len(name) - 2 for line in folded.split("\r\n")):
+            return f"{name}: {folded}"
+    encoded = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
     return f"{name}: {encoded}"
 
 

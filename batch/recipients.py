@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import idna
 from email_validator import EmailNotValidError, validate_email
 
 from batch.errors import SourceError
@@ -116,6 +117,22 @@ class RecipientList:
 def normalise(address: str) -> str:
     """Return the form an address is compared and mailed in: stripped and lower-cased."""
     return address.strip().lower()
+
+
+def envelope_form(address: str) -> str:
+    """Return the address as it goes to the relay: an IDN domain as its ASCII (A-label) form.
+
+    An address whose local part is ASCII needs no SMTPUTF8 once its domain is written as
+    punycode (bücher.example is xn--bcher-kva.example), so it reaches any relay. Only a
+    local part with non-ASCII letters still needs a relay that announces SMTPUTF8.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii() or not local.isascii():
+        return address
+    try:
+        return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
+    except idna.IDNAError:
+        return address  # the relay will refuse it and say why
 
 
 def _fault(value: str, *, allow_smtputf8: bool) -> str | None:

@@ -35,6 +35,7 @@ KINDS = {
 DEFAULT_QUERY = "SELECT * FROM recipients"
 DELIMITERS = ",;\t|"  # on a tie the earlier one wins, so a plain list stays comma-separated
 FINGERPRINT_BLOCK_BYTES = 1024 * 1024
+UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +144,19 @@ def _fields(columns: list[tuple[int, str]], values: Sequence[str]) -> dict[str, 
 
 
 def _csv_rows(path: Path) -> Iterator[Row]:
-    """Yield the records of a UTF-8 CSV file, numbered by the line each starts on."""
+    """Yield the records of a UTF-8 CSV file, numbered by the line each starts on.
+
+    The whole file is checked (encoding, record widths) before the first row comes out, so
+    a fault at line 90,000 stops the run before anyone is mailed, not half-way. NOTE: this
+    reads the file twice, which costs about 2 s per million rows here.
+    """
+    for _ in _csv_stream(path):
+        pass
+    yield from _csv_stream(path)
+
+
+def _csv_stream(path: Path) -> Iterator[Row]:
+    """Read a CSV file's rows in one pass."""
     try:
         with path.open(encoding="utf-8-sig", newline="") as file:
             reader = csv.reader(file, delimiter=_sniff_delimiter(file))
@@ -194,6 +207,12 @@ def _not_utf8(path: Path) -> SourceError:
     """Describe where a file stops being UTF-8."""
     offset = 0
     with path.open("rb") as file:
+        if file.read(2) in UTF16_MARKS:
+            return SourceError(
+                f"{path}: line 1: the file is UTF-16 (it starts with a UTF-16 byte order "
+                "mark), not UTF-8: save it as UTF-8 (in Excel: 'CSV UTF-8')"
+            )
+        file.seek(0)
         for number, line in enumerate(file, start=1):
             try:
                 line.decode("utf-8")

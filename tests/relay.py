@@ -18,6 +18,7 @@ import asyncio
 import mailbox
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,11 @@ class RecordingRelay:
     it must not call stop() (stop waits for that thread).
 
     stop() and start() may alternate on the same port: the record is kept across them.
+
+    Like a real relay, it can also be stricter: smtputf8 announces SMTPUTF8 (RFC 6531);
+    login=(user, password) refuses mail until AUTH with exactly these (over plain text, for
+    the tests); tls_context offers STARTTLS with that server context, ssl_context speaks
+    TLS from the first byte.
     """
 
     def __init__(
@@ -87,6 +93,10 @@ class RecordingRelay:
         drop_after_data: DropRule = False,
         data_delay_s: DelayRule = 0.0,
         on_accept: Callable[[Accepted], None] | None = None,
+        smtputf8: bool = False,
+        login: tuple[str, str] | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -97,6 +107,14 @@ class RecordingRelay:
         self.drop_after_data: DropRule = drop_after_data
         self.data_delay_s: DelayRule = data_delay_s
         self.on_accept = on_accept
+        self._ssl_context = ssl_context
+        self._smtp_options: dict[str, object] = {"enable_SMTPUTF8": smtputf8}
+        if tls_context is not None:
+            self._smtp_options["tls_context"] = tls_context
+        if login is not None:
+            self._smtp_options.update(
+                auth_required=True, auth_require_tls=False, authenticator=_Authenticator(login)
+            )
 
         self._lock = threading.Lock()
         self._messages: list[Accepted] = []
@@ -108,7 +126,13 @@ class RecordingRelay:
     def start(self) -> RecordingRelay:
         """Start listening; return once the relay answers."""
         self.closing = False
-        self._controller = _Controller(_Handler(self), hostname=self.host, port=self.port)
+        self._controller = _Controller(
+            _Handler(self),
+            hostname=self.host,
+            port=self.port,
+            ssl_context=self._ssl_context,
+            **self._smtp_options,
+        )
         self._controller.start()
         return self
 
@@ -214,6 +238,18 @@ class _Controller(Controller):
                 connection.transport.close()
         self.connections.clear()
         await asyncio.sleep(0.05)
+
+
+class _Authenticator:
+    """Accept AUTH with one user and password only."""
+
+    def __init__(self, login: tuple[str, str]) -> None:
+        self.login = login
+
+    def __call__(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
+        given = (auth_data.login.decode(), auth_data.password.decode())
+        # handled=False: aiosmtpd answers a failure with 535 itself.
+        return AuthResult(success=given == self.login, handled=False)
 
 
 class _Handler:
