@@ -235,7 +235,12 @@ def _password(user: str) -> str | None:
         return os.environ[PASSWORD_ENV]
     try:
         import keyring
-
+    except ImportError:
+        raise UsageError(
+            f"--smtp-user {user}: no password: set {PASSWORD_ENV}, or install the keyring "
+            "extra (pip install -e '.[keyring]') and store it there with yagmail.register"
+        ) from None
+    try:
         password = keyring.get_password("yagmail", user)
     except Exception:  # any keyring backend failure means: no password stored
         password = None

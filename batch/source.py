@@ -16,14 +16,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from batch.errors import SourceError
-
-try:
-    from python_calamine import CalamineError, CalamineWorkbook
-except ImportError:  # openpyxl streams too, but about twenty times slower
-    CalamineWorkbook = None
 
 KINDS = {
     ".csv": "csv",
@@ -228,12 +223,17 @@ def _not_utf8(path: Path) -> SourceError:
 
 def _excel_records(path: Path, sheet: str | None) -> Iterator[tuple[int, list[str]]]:
     """Yield (sheet row number, values) of each non-empty row of a workbook's sheet."""
-    if CalamineWorkbook is None:
+    # Imported here: only the launcher reads lists, and workers need not carry calamine.
+    try:
+        import python_calamine
+    except ImportError:  # openpyxl streams too, but about twenty times slower
         return _openpyxl_records(path, sheet)
-    return _calamine_records(path, sheet)
+    return _calamine_records(path, sheet, python_calamine)
 
 
-def _calamine_records(path: Path, sheet: str | None) -> Iterator[tuple[int, list[str]]]:
+def _calamine_records(
+    path: Path, sheet: str | None, calamine: Any
+) -> Iterator[tuple[int, list[str]]]:
     """Read a sheet with calamine, which is fast but holds the sheet in memory.
 
     NOTE: calamine loads the whole sheet before the first row (about 0.5 KB a row, so
@@ -242,12 +242,12 @@ def _calamine_records(path: Path, sheet: str | None) -> Iterator[tuple[int, list
     numbering relies on; a test pins it.
     """
     try:
-        with CalamineWorkbook.from_path(str(path)) as book:
+        with calamine.CalamineWorkbook.from_path(str(path)) as book:
             if sheet is not None and sheet not in book.sheet_names:
                 raise _no_sheet(path, sheet, book.sheet_names)
             found = book.get_sheet_by_index(0) if sheet is None else book.get_sheet_by_name(sheet)
             yield from _non_empty(enumerate(found.iter_rows(), start=1))
-    except CalamineError as error:
+    except calamine.CalamineError as error:
         raise SourceError(f"{path}: cannot read the workbook: {error}") from None
 
 
