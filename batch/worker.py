@@ -206,7 +206,7 @@ class Worker:
         self.sending = (recipient, message_id, False)
 
         try:
-            letter = self.composer.compose(recipient, content["fields"])
+            letter = self.composer.compose(recipient, content["fields"], message_id)
         except TemplateError as error:
             self.ledger.record(recipient, message_id, Outcome(Status.FAILED, None, str(error)))
             self.done.append(delivery)
