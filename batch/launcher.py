@@ -26,6 +26,7 @@ from batch.logs import setup_logging
 from batch.mailer import Mailer, RelaySettings
 from batch.message import Template
 from batch.pool import WorkerPool
+from batch.progress import Progress, Tally
 from batch.recipients import RecipientList
 from batch.sentlog import Outcome, SentLog, Status
 from batch.source import fingerprint, read_rows
@@ -48,7 +49,7 @@ examples:
   python -m batch.run --config config/massmail.toml --campaign nightly-2026-12-03
 """
 TICK_S = 0.5
-PROGRESS_EVERY_S = 5.0
+DEAD_LETTERS_EVERY_S = 5.0  # how often the launcher looks for messages set aside
 LOST_AFTER_S = 10.0  # quiet time before unsettled recipients missing from the queue go again
 
 
@@ -77,6 +78,7 @@ class Launcher:
         self.started = time.monotonic()
         self.interrupted = False
         self.unreadable = 0
+        self.progress = Progress(sys.stderr, settings.verbosity, settings.source)
 
     def run(self) -> ExitCode:
         """Check the inputs, hold the campaign's lock, and run it."""
@@ -110,8 +112,9 @@ class Launcher:
         broker.connect()
         loader = self._loader(campaign, folder, publish_all=broker.depth() == 0)
         log.info(
-            "campaign %s: list %s, %d workers, relay %s, broker %s, state %s",
+            "campaign %s: list %s, %d workers, relay %s, broker %s, state %s%s",
             campaign, s.source, s.workers, relay.describe(), describe(s.amqp_url), folder,
+            resuming(Tally.of(ledger)),
         )  # fmt: skip
 
         pool = WorkerPool(
@@ -125,6 +128,7 @@ class Launcher:
         try:
             code = self._watch(ledger, loader, broker, pool)
         finally:
+            self.progress.close()
             pool.stop(ledger, grace_s=s.smtp_timeout + 30)
             broker.close()
         return self._summary(ledger, loader, folder, code)
@@ -231,7 +235,7 @@ class Launcher:
         self, ledger: SentLog, loader: Loader, broker: Broker, pool: WorkerPool
     ) -> ExitCode:
         """Wait until every pending recipient is settled; keep workers and broker alive."""
-        last_report = last_growth = time.monotonic()
+        last_dead_letters = last_growth = time.monotonic()
         last_size = 0
         while True:
             try:
@@ -257,27 +261,13 @@ class Launcher:
             size = ledger.path.stat().st_size
             if size != last_size:
                 last_size, last_growth = size, now
-            if now - last_report >= PROGRESS_EVERY_S:
-                last_report = now
-                self._progress(ledger, loader, remaining)
+            self.progress.tick(ledger, loader)
+            if now - last_dead_letters >= DEAD_LETTERS_EVERY_S:
+                last_dead_letters = now
                 broker.take_dead(partial(self.settle_dead_letter, ledger))
             if loader.counts.done and now - last_growth >= LOST_AFTER_S:
                 last_growth = now
                 self._requeue_lost(ledger, broker)
-
-    def _progress(self, ledger: SentLog, loader: Loader, pending: int) -> None:
-        counts = ledger.counts()
-        elapsed = time.monotonic() - self.started
-        log.info(
-            "%d read, %d queued, %d sent, %d failed, %d in doubt, %d waiting (%.0f/s)",
-            loader.counts.rows,
-            loader.counts.published,
-            counts[Status.SENT],
-            counts[Status.FAILED],
-            counts[Status.IN_DOUBT],
-            pending,
-            counts[Status.SENT] / elapsed if elapsed else 0.0,
-        )
 
     def settle_dead_letter(self, ledger: SentLog, body: bytes) -> None:
         """Record a message the broker set aside as failed, unless it is settled already."""
@@ -311,25 +301,21 @@ class Launcher:
     # After the run.
 
     def _summary(self, ledger: SentLog, loader: Loader, folder: Path, code: ExitCode) -> ExitCode:
-        counts = ledger.counts()
-        elapsed = time.monotonic() - self.started
-        log.info(
-            "done in %.1f s: %d sent, %d failed, %d in doubt, %d waiting; %d rows refused "
-            "(see %s); sent-log: %s",
-            elapsed,
-            counts[Status.SENT],
-            counts[Status.FAILED],
-            counts[Status.IN_DOUBT],
-            ledger.remaining(),
-            loader.counts.rejected,
-            folder / "rejected.csv",
-            ledger.path,
-        )
+        """Log the closing summary and tell the exit code it adds up to."""
+        tally = Tally.of(ledger)
+        self.progress.summary(tally, loader, folder, finished=code is ExitCode.OK)
         if code is not ExitCode.OK:
             return code
-        if counts[Status.FAILED] or counts[Status.IN_DOUBT] or self.unreadable:
+        if tally.failed or tally.in_doubt or self.unreadable:
             return ExitCode.RECIPIENTS_NOT_SENT
         return ExitCode.OK
+
+
+def resuming(tally: Tally) -> str:
+    """Say how far earlier runs of the campaign got, for the start banner."""
+    if not tally.total:
+        return ""
+    return f"; resuming: {tally.done} of {tally.total} recipients settled by earlier runs"
 
 
 def derive_campaign(settings: Settings, template: Template) -> str:

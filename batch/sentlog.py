@@ -336,9 +336,15 @@ def safe_cell(text: str) -> str:
 
 
 def read_rows(path: Path) -> Iterator[dict[str, str]]:
-    """Read every complete line of a sent-log, for the index, reports and checks."""
+    """Read every complete line of a sent-log, for the index, reports and checks.
+
+    A last line without its newline is being written right now (or was torn by a crash,
+    and the next run cuts it): it is left for the next look. No field holds a line break,
+    so one line is one record.
+    """
     with path.open(newline="", encoding="utf-8") as file:
-        for number, fields in enumerate(csv.reader(file), start=1):
+        complete = (line for line in file if line.endswith("\n"))
+        for number, fields in enumerate(csv.reader(complete), start=1):
             if number == 1 and fields == list(COLUMNS):
                 continue
             if len(fields) != len(COLUMNS):

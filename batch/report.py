@@ -1,0 +1,271 @@
+"""`python -m batch.report`: where a campaign stands, while it runs or after it.
+
+It reads the campaign's files and writes none of them: the sent-log, where each
+recipient's last line is its state; `rejected.csv`, the rows the list could not give;
+and the sent-log's index, for the recipients queued but not tried yet. A running job
+appends to the sent-log while the report reads it: a last line without its newline is
+still being written (or was torn by a crash), and is left for the next look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sqlite3
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batch.errors import BatchError, ExitCode, UsageError
+from batch.sentlog import COLUMNS, QUEUED, SentLogError, Status, safe_cell
+
+EPILOG = """\
+exit codes:
+  0   the report was printed (whatever the campaign's state)
+  2   no such campaign, or a usage error
+  70  the sent-log cannot be read
+
+examples:
+  python -m batch.report --state-dir state --campaign nightly-2026-12-03
+  python -m batch.report state/nightly-2026-12-03 --csv audit.csv
+"""
+EXPORT_COLUMNS = (
+    "recipient",
+    "status",
+    "smtp_code",
+    "smtp_reply",
+    "message_id",
+    "last_timestamp",
+)
+# The order statuses are counted in; a status this list lacks comes after them.
+ORDER = (Status.SENT, Status.FAILED, Status.IN_DOUBT, Status.DEFERRED, Status.CLAIMED, QUEUED)
+LISTED = ((Status.FAILED, "failed"), (Status.IN_DOUBT, "in doubt"))
+SHOW_DEFAULT = 50
+
+
+class NoCampaign(UsageError):
+    """The campaign asked for has no folder or no sent-log."""
+
+
+@dataclass(slots=True)
+class Standing:
+    """One recipient's state: its last sent-log line, and its Message-ID."""
+
+    status: str
+    smtp_code: str = ""
+    smtp_reply: str = ""
+    message_id: str = ""
+    timestamp: str = ""
+
+
+@dataclass
+class Campaign:
+    """What the campaign's files say at the moment they were read."""
+
+    folder: Path
+    recipients: dict[str, Standing] = field(default_factory=dict)
+    lines: int = 0  # complete lines of the sent-log, its header aside
+    unfinished_bytes: int = 0  # a last line still being written
+    rejected: int | None = None  # None: rejected.csv is not written yet
+    index_problem: str = ""  # why the recipients not tried yet are not known
+
+    def counts(self) -> Counter[str]:
+        """Count recipients by their status."""
+        return Counter(standing.status for standing in self.recipients.values())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print a campaign's report, and export it if asked; return the exit code."""
+    args = parser().parse_args(argv)
+    try:
+        campaign = read_campaign(campaign_folder(args))
+        if args.csv:
+            export(campaign, args.csv)
+    except BatchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    print(render(campaign, show=args.show))
+    if args.csv:
+        print(f"\n{len(campaign.recipients)} recipients exported to {args.csv}")
+    return ExitCode.OK
+
+
+def parser() -> argparse.ArgumentParser:
+    """Build the command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m batch.report",
+        description="Show where a campaign stands: while it runs, or after it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "folder", nargs="?", type=Path, help="the campaign's folder (instead of the two below)"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("MASSMAIL_STATE_DIR", "state")),
+        help="where the campaign folders live [$MASSMAIL_STATE_DIR or state]",
+    )
+    parser.add_argument(
+        "--campaign",
+        default=os.environ.get("MASSMAIL_CAMPAIGN"),
+        help="the campaign's name [$MASSMAIL_CAMPAIGN]",
+    )
+    parser.add_argument(
+        "--csv", type=Path, metavar="FILE", help="export one row per recipient to FILE"
+    )
+    parser.add_argument(
+        "--show",
+        type=_count,
+        default=SHOW_DEFAULT,
+        metavar="N",
+        help=f"list at most N failed and N in-doubt recipients [{SHOW_DEFAULT}]",
+    )
+    return parser
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return number
+
+
+def campaign_folder(args: argparse.Namespace) -> Path:
+    """Find the campaign's folder from the arguments; it must hold a sent-log."""
+    if args.folder is not None:
+        folder = args.folder
+    elif args.campaign:
+        folder = args.state_dir / args.campaign
+    else:
+        raise UsageError("name a campaign: --campaign NAME, or give its folder")
+    if not (folder / "sent-log.csv").is_file():
+        raise NoCampaign(f"{folder}: no such campaign (it has no sent-log.csv)")
+    return folder
+
+
+# Reading the campaign's files.
+
+
+def read_campaign(folder: Path) -> Campaign:
+    """Read where every recipient stands, and how many rows were refused."""
+    campaign = Campaign(folder)
+    # The index before the sent-log: a recipient claimed in between is then found in the
+    # sent-log; read the other way round, it could be found in neither.
+    try:
+        queued = queued_recipients(folder / "sent-log.index")
+    except SentLogError as error:  # the counts of the sent-log itself still stand
+        queued, campaign.index_problem = [], str(error)
+    for row in complete_rows(folder / "sent-log.csv", campaign):
+        standing = campaign.recipients.get(row["recipient"])
+        message_id = row["message_id"] or (standing.message_id if standing else "")
+        campaign.recipients[row["recipient"]] = Standing(
+            row["status"], row["smtp_code"], row["smtp_reply"], message_id, row["timestamp"]
+        )
+    for recipient in queued:
+        campaign.recipients.setdefault(recipient, Standing(QUEUED))
+    campaign.rejected = count_rejected(folder / "rejected.csv")
+    return campaign
+
+
+def complete_rows(path: Path, campaign: Campaign) -> Iterator[dict[str, str]]:
+    """Read the sent-log's complete lines; note the size of an unfinished last one."""
+    with path.open(newline="", encoding="utf-8", errors="replace") as file:
+        for number, fields in enumerate(csv.reader(_complete_lines(file, campaign)), 1):
+            if number == 1 and fields == list(COLUMNS):
+                continue
+            campaign.lines += 1
+            if len(fields) != len(COLUMNS):
+                raise SentLogError(
+                    f"{path}: line {number} has {len(fields)} fields instead of {len(COLUMNS)}"
+                )
+            yield dict(zip(COLUMNS, fields, strict=True))
+
+
+def _complete_lines(lines: Iterator[str], campaign: Campaign) -> Iterator[str]:
+    for line in lines:
+        if not line.endswith("\n"):
+            campaign.unfinished_bytes = len(line.encode())
+            return
+        yield line
+
+
+def queued_recipients(index: Path) -> list[str]:
+    """Name the recipients queued but not tried yet, as the sent-log's index knows them."""
+    if not index.is_file():
+        return []
+    try:
+        connection = sqlite3.connect(f"{index.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = connection.execute(
+                "SELECT address FROM recipients WHERE status = ?", (QUEUED,)
+            ).fetchall()
+        finally:
+            connection.close()
+    except sqlite3.Error as error:
+        raise SentLogError(f"{index}: cannot read the sent-log's index: {error}") from None
+    return [address for (address,) in rows]
+
+
+def count_rejected(path: Path) -> int | None:
+    """Count the rows of rejected.csv, or None if the list is not read to its end yet."""
+    try:
+        with path.open(newline="", encoding="utf-8") as file:
+            return max(0, sum(1 for _ in csv.reader(file)) - 1)
+    except FileNotFoundError:
+        return None
+
+
+# Writing the report.
+
+
+def render(campaign: Campaign, show: int = SHOW_DEFAULT) -> str:
+    """Render the counts, then the failed and in-doubt recipients, as text."""
+    counts = campaign.counts()
+    statuses = [str(s) for s in ORDER if counts[s]] + sorted(set(counts) - set(ORDER))
+    lines = [f"campaign {campaign.folder.name} ({campaign.folder})", ""]
+    lines.append(f"  {'recipients':<14}{len(campaign.recipients):>8}")
+    lines += [f"  {status:<14}{counts[status]:>8}" for status in statuses]
+    if campaign.index_problem:
+        lines.append(f"  {QUEUED:<14}not known: {campaign.index_problem}")
+    refused = "not known yet" if campaign.rejected is None else f"{campaign.rejected:>8}"
+    lines.append(f"  {'refused rows':<14}{refused}   ({campaign.folder / 'rejected.csv'})")
+
+    sent_log = campaign.folder / "sent-log.csv"
+    lines.append(f"  {'sent-log':<14}{sent_log} ({campaign.lines} lines)")
+    if campaign.unfinished_bytes:
+        lines.append(f"  {'':<14}and {campaign.unfinished_bytes} bytes of a line being written")
+
+    for status, title in LISTED:
+        listed = [(r, s) for r, s in campaign.recipients.items() if s.status == status]
+        if listed:
+            lines += ["", f"{title} ({len(listed)}):"]
+            lines += [
+                f"  {r}  {s.message_id}  {s.smtp_reply or s.smtp_code}" for r, s in listed[:show]
+            ]
+            if len(listed) > show:
+                lines.append(f"  ... and {len(listed) - show} more: --csv FILE lists them all")
+    return "\n".join(lines)
+
+
+def export(campaign: Campaign, path: Path) -> None:
+    """Write one row per recipient with its final status, safe to open in a spreadsheet."""
+    try:
+        with path.open("w", newline="", encoding="utf-8") as file:
+            writer = csv.writer(file)
+            writer.writerow(EXPORT_COLUMNS)
+            for recipient, s in campaign.recipients.items():
+                writer.writerow(
+                    [safe_cell(recipient), s.status, s.smtp_code, safe_cell(s.smtp_reply),
+                     safe_cell(s.message_id), s.timestamp]
+                )  # fmt: skip
+    except OSError as error:
+        raise UsageError(f"{path}: cannot write the export: {error.strerror}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
