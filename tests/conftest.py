@@ -43,15 +43,37 @@ def broker_reachable(url: str = AMQP_URL) -> bool:
 
 
 @pytest.fixture(scope="session")
-def amqp_url() -> str:
-    """The broker the tests use; fail (never skip) with what to start if it is down."""
-    if not broker_reachable():
+def amqp_url():
+    """The broker the tests use; fail (never skip) with what to start if there is none.
+
+    The local one (or MASSMAIL_TEST_AMQP_URL) when it answers; otherwise a RabbitMQ in a
+    container, where a Docker engine is reachable.
+    """
+    if broker_reachable():
+        yield AMQP_URL
+        return
+    container, why_not = start_container_broker()
+    if container is None:
         pytest.fail(
-            f"no RabbitMQ answers at {AMQP_URL}: start one with `rabbitmq-server -detached` "
-            "or set MASSMAIL_TEST_AMQP_URL",
+            f"no RabbitMQ answers at {AMQP_URL} and none can run in a container ({why_not}): "
+            "start one with `rabbitmq-server -detached` or set MASSMAIL_TEST_AMQP_URL",
             pytrace=False,
         )
-    return AMQP_URL
+    params = container.get_connection_params()
+    try:
+        yield f"amqp://guest:guest@{params.host}:{params.port}/%2F"
+    finally:
+        container.stop()
+
+
+def start_container_broker():
+    """Start testcontainers' RabbitMQ; return (container, None) or (None, the reason)."""
+    try:
+        from testcontainers.community.rabbitmq import RabbitMqContainer
+
+        return RabbitMqContainer("rabbitmq:3.10").start(), None
+    except Exception as error:  # no Docker engine, no image: say why, then fail
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
 
 
 @pytest.fixture
