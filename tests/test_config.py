@@ -83,3 +83,14 @@ def test_a_missing_template_is_a_usage_error_naming_the_file(tmp_path):
 
     assert result.returncode == 2
     assert str(missing) in result.stderr
+
+
+def test_the_documented_default_configuration_names_every_option_and_loads():
+    path = Path(__file__).resolve().parent.parent / "config" / "massmail.toml"
+    text = path.read_text()
+
+    settings = config.load([*REQUIRED, "--config", str(path)])
+
+    for option in config.OPTIONS:
+        assert f"{option.name} =" in text, f"{path} does not document {option.name}"
+    assert settings.workers == 8
