@@ -123,6 +123,7 @@ class Settings:
     amqp_heartbeat: int
     reconnect_for: float
     verbosity: int = 0
+    dry_run: bool = False
     smtp_password: str | None = field(default=None, repr=False)
 
     @property
@@ -148,6 +149,11 @@ def parser(epilog: str) -> argparse.ArgumentParser:
             metavar=option.name.upper(),
             help=(option.help + default).replace("%", "%%"),
         )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="render every message and check the whole list; send and queue nothing",
+    )
     parser.add_argument("-v", "--verbose", action="count", help="log more")
     parser.add_argument("-q", "--quiet", action="count", help="log only warnings and errors")
     return parser
@@ -163,6 +169,7 @@ def load(argv: Sequence[str] | None, epilog: str = "") -> Settings:
     flags = vars(parser(epilog).parse_args(argv))
     config_path = flags.pop("config", None) or os.environ.get(ENV_PREFIX + "CONFIG")
     verbosity = flags.pop("verbose", 0) - flags.pop("quiet", 0)
+    dry_run = flags.pop("dry_run", False)
 
     raw: dict[str, tuple[str, Any]] = {}
     if config_path:
@@ -178,7 +185,7 @@ def load(argv: Sequence[str] | None, epilog: str = "") -> Settings:
     values = {option.name: option.default for option in OPTIONS}
     for key, (origin, value) in raw.items():
         values[key] = _parse(BY_NAME[key], origin, value)
-    return _settle(values, verbosity)
+    return _settle(values, verbosity, dry_run)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -209,7 +216,7 @@ def _parse(option: Option, origin: str, value: Any) -> Any:
         raise UsageError(f"{origin}: {value!r}: {reason}") from None
 
 
-def _settle(values: dict[str, Any], verbosity: int) -> Settings:
+def _settle(values: dict[str, Any], verbosity: int, dry_run: bool) -> Settings:
     """Check what only the whole set can tell, and fill the derived defaults."""
     for name in ("source", "template"):
         if values[name] is None:
@@ -224,7 +231,8 @@ def _settle(values: dict[str, Any], verbosity: int) -> Settings:
         )
     if values["smtp_port"] is None:
         values["smtp_port"] = DEFAULT_PORTS[values["smtp_tls"]]
-    return Settings(**values, verbosity=verbosity, smtp_password=_password(values["smtp_user"]))
+    password = None if dry_run else _password(values["smtp_user"])  # a dry run logs in nowhere
+    return Settings(**values, verbosity=verbosity, dry_run=dry_run, smtp_password=password)
 
 
 def _password(user: str) -> str | None:

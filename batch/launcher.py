@@ -20,11 +20,18 @@ from filelock import FileLock, Timeout
 from batch import config
 from batch.broker import Broker, describe, recipient_of
 from batch.config import Settings
-from batch.errors import AlreadyRunning, BatchError, ExitCode, Unavailable, UsageError
+from batch.errors import (
+    AlreadyRunning,
+    BatchError,
+    ExitCode,
+    TemplateError,
+    Unavailable,
+    UsageError,
+)
 from batch.loader import Loader
 from batch.logs import setup_logging
 from batch.mailer import Mailer, RelaySettings
-from batch.message import Template
+from batch.message import Composer, Template
 from batch.pool import WorkerPool
 from batch.progress import Progress, Tally
 from batch.recipients import RecipientList
@@ -86,6 +93,8 @@ class Launcher:
         template = Template.from_file(s.template)
         self._check_columns(template)
         campaign = s.campaign or derive_campaign(s, template)
+        if s.dry_run:
+            return self._dry_run(template, campaign)
         folder = campaign_folder(s.state_dir, campaign)
 
         lock = FileLock(folder / "run.lock")
@@ -132,6 +141,33 @@ class Launcher:
             pool.stop(ledger, grace_s=s.smtp_timeout + 30)
             broker.close()
         return self._summary(ledger, loader, folder, code)
+
+    def _dry_run(self, template: Template, campaign: str) -> ExitCode:
+        """Render every recipient's message and show the first; touch no queue, no file."""
+        composer = Composer(template, campaign)
+        recipients = self._recipients()
+        rendered = unrenderable = 0
+        for recipient in recipients:
+            try:
+                letter = composer.compose(recipient.address, recipient.fields)
+            except TemplateError as error:
+                unrenderable += 1
+                log.error("%s: row %d (%s): %s", self.settings.source, recipient.row,
+                          recipient.address, error)  # fmt: skip
+                continue
+            if not rendered:
+                sample = letter.data.decode("utf-8", "replace").replace("\r\n", "\n")
+                print(f"--- the message for {recipient.address} ---\n{sample}", flush=True)
+            rendered += 1
+        for rejection in recipients.rejections:
+            log.warning("%s: row %d refused: %s", self.settings.source, rejection.row,
+                        rejection.reason)  # fmt: skip
+        log.info(
+            "dry run of campaign %s: %d messages rendered, %d could not be, %d rows refused; "
+            "nothing was sent or queued",
+            campaign, rendered, unrenderable, len(recipients.rejections),
+        )  # fmt: skip
+        return ExitCode.USAGE if unrenderable else ExitCode.OK
 
     # Before the run.
 

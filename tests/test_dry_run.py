@@ -1,0 +1,64 @@
+"""A dry run: every message rendered and the list checked, nothing sent, nothing queued."""
+
+from __future__ import annotations
+
+import pika
+import pika.exceptions
+
+from tests.conftest import people, write_csv, write_template
+
+
+def queue_exists(url: str, name: str) -> bool:
+    """Ask the broker whether a queue exists, without creating it."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        connection.channel().queue_declare(name, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if error.reply_code == 404:
+            return False
+        raise
+    finally:
+        if connection.is_open:
+            connection.close()
+    return True
+
+
+def test_a_dry_run_shows_a_rendered_message_and_sends_and_queues_nothing(job, tmp_path):
+    rows = people(40) + [{"email": "not-an-email", "name": "Bad"}]
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+
+    result = job.run(source, template, "--dry-run")
+
+    assert result.returncode == 0, result.stderr
+    assert "Subject: Hello Person 0" in result.stdout
+    assert "To: person0@example.com" in result.stdout
+    assert "40 messages rendered" in result.stderr
+    assert "1 rows refused" in result.stderr
+    assert job.relay.count() == 0
+    assert not job.folder.exists()
+    assert not queue_exists(job.amqp_url, f"massmail.{job.campaign}")
+
+
+def test_a_dry_run_then_a_real_run_mails_everyone_once(job, tmp_path):
+    rows = people(15)
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+
+    assert job.run(source, template, "--dry-run").returncode == 0
+    result = job.run(source, template)
+
+    assert result.returncode == 0, result.stderr
+    assert job.relay.count() == 15
+    assert set(job.final_statuses().values()) == {"sent"}
+
+
+def test_a_dry_run_needs_no_relay_password(job, tmp_path, monkeypatch):
+    monkeypatch.delenv("MASSMAIL_SMTP_PASSWORD", raising=False)
+    source = write_csv(tmp_path / "list.csv", people(3))
+    template = write_template(tmp_path / "template.txt")
+
+    result = job.run(source, template, "--dry-run", "--smtp-user", "mailer@example.com")
+
+    assert result.returncode == 0, result.stderr
+    assert job.relay.count() == 0
