@@ -44,7 +44,6 @@ class Delivery:
     generation: int
     body: bytes  # as published; `decode()` reads it
     attempt: int  # 1 on the first try; grows with every 4xx retry
-    redelivered: bool
 
 
 def describe(url: str) -> str:
@@ -200,7 +199,6 @@ class Broker:
                     generation=generation,
                     body=body,
                     attempt=int(headers.get("x-massmail-attempt", 1)),
-                    redelivered=method.redelivered,
                 )
             )
 

@@ -28,7 +28,7 @@ from batch.errors import (
     Unavailable,
     UsageError,
 )
-from batch.loader import Loader
+from batch.loader import Loader, message_of
 from batch.logs import setup_logging
 from batch.mailer import Mailer, RelaySettings
 from batch.message import Composer, Template
@@ -328,7 +328,7 @@ class Launcher:
             return
         log.warning("%d recipient(s) are unsettled but not queued; queuing them again", len(lost))
         found = [r for r in self._recipients() if r.address in lost]
-        broker.publish({"recipient": r.address, "row": r.row, "fields": r.fields} for r in found)
+        broker.publish(message_of(r) for r in found)
         for recipient in lost - {r.address for r in found}:
             reason = "no longer in the list, and its queued message was lost"
             ledger.record(recipient, "", Outcome(Status.FAILED, None, reason))

@@ -98,7 +98,7 @@ class Loader:
         unsettled = self.ledger.expect(r.address for r in batch)
         self.counts.settled += len(batch) - len(unsettled)
         bodies = [
-            {"recipient": r.address, "row": r.row, "fields": r.fields}
+            message_of(r)
             for r in batch
             if r.address in unsettled
             and (r.row > self.publish_after or unsettled[r.address] == Status.IN_DOUBT)
@@ -113,6 +113,11 @@ class Loader:
                 self.counts.published += self.broker.publish(bodies)
         write_checkpoint(self.checkpoint, batch[-1].row)
         batch.clear()
+
+
+def message_of(recipient: Recipient) -> dict[str, object]:
+    """Describe a recipient as its queue message: the address, its row and its columns."""
+    return {"recipient": recipient.address, "row": recipient.row, "fields": recipient.fields}
 
 
 def read_checkpoint(path: Path) -> int:

@@ -34,7 +34,7 @@ from batch.errors import BatchError, ExitCode, TemplateError, Unavailable
 from batch.logs import setup_logging
 from batch.mailer import Attempt, Mailer, RelaySettings, Result
 from batch.message import Composer, Template
-from batch.sentlog import Outcome, SentLog, Status
+from batch.sentlog import Ledger, Outcome, SentLog, Status
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Worker:
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.done: list[Delivery] = []
         self.sending: tuple[str, str, bool] | None = None  # recipient, Message-ID, DATA begun
-        self.ledger = SentLog(
+        self.ledger: Ledger = SentLog(
             Path(settings.sent_log), settings.campaign, resend_in_doubt=settings.resend_in_doubt
         )
         template = Template(settings.template_text, name=settings.template_name)
