@@ -50,6 +50,21 @@ def _seconds(value: str) -> float:
     return number
 
 
+RATE_UNITS_S = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0}
+
+
+def _rate(value: str) -> float:
+    """Read '10/s', '300/min' or '5000/h' as messages per second."""
+    count, slash, unit = value.replace(" ", "").partition("/")
+    try:
+        number = float(count)
+    except ValueError:
+        number = 0.0
+    if not slash or unit.lower() not in RATE_UNITS_S or number <= 0:
+        raise ValueError("must be a number of messages per s, min or h, such as 300/min")
+    return number / RATE_UNITS_S[unit.lower()]
+
+
 def _boolean(value: str) -> bool:
     lowered = str(value).strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -67,6 +82,7 @@ class Option:
     parse: Callable[[str], Any]
     default: Any
     help: str
+    repeatable: bool = False  # a flag given again adds a value; a file gives a list
 
 
 OPTIONS = (
@@ -93,6 +109,14 @@ OPTIONS = (
     Option(
         "reconnect_for", _seconds, 120.0, "seconds to keep reconnecting a lost broker or relay"
     ),
+    Option("limit", _positive, None, "send to the first N pending recipients only"),
+    Option("rate", _rate, None, "at most this many messages, all workers together: 300/min"),
+    Option("max_per_connection", _positive, None, "messages per relay session before a new one"),
+    Option("suppress", Path, None, "a CSV or text file of addresses never to mail"),
+    Option("html_template", Path, None, "the HTML part (default: the template's .html twin)"),
+    Option("unsubscribe_url", str, None, "an https URL template for List-Unsubscribe"),
+    Option("unsubscribe_mailto", str, None, "an address template for List-Unsubscribe"),
+    Option("attach", Path, (), "a file to attach to every message (repeatable)", True),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -122,6 +146,14 @@ class Settings:
     prefetch: int
     amqp_heartbeat: int
     reconnect_for: float
+    limit: int | None = None
+    rate: float | None = None  # messages per second, all workers together
+    max_per_connection: int | None = None
+    suppress: Path | None = None
+    html_template: Path | None = None
+    unsubscribe_url: str | None = None
+    unsubscribe_mailto: str | None = None
+    attach: tuple[Path, ...] = ()
     verbosity: int = 0
     dry_run: bool = False
     smtp_password: str | None = field(default=None, repr=False)
@@ -148,6 +180,7 @@ def parser(epilog: str) -> argparse.ArgumentParser:
             "--" + option.name.replace("_", "-"),
             metavar=option.name.upper(),
             help=(option.help + default).replace("%", "%%"),
+            action="append" if option.repeatable else "store",
         )
     parser.add_argument(
         "--dry-run",
@@ -178,7 +211,10 @@ def load(argv: Sequence[str] | None, epilog: str = "") -> Settings:
     for option in OPTIONS:
         env = ENV_PREFIX + option.name.upper()
         if env in os.environ:
-            raw[option.name] = (f"${env}", os.environ[env])
+            value = os.environ[env]
+            if option.repeatable:  # several values, separated as in $PATH
+                value = [part for part in value.split(os.pathsep) if part]
+            raw[option.name] = (f"${env}", value)
     for key, value in flags.items():
         raw[key] = ("--" + key.replace("_", "-"), value)
 
@@ -207,6 +243,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _parse(option: Option, origin: str, value: Any) -> Any:
     """Parse one value, saying where it came from if it is wrong."""
+    if option.repeatable:
+        values = value if isinstance(value, list) else [value]
+        return tuple(_parse_one(option, origin, one) for one in values)
+    return _parse_one(option, origin, value)
+
+
+def _parse_one(option: Option, origin: str, value: Any) -> Any:
     if value is None or (isinstance(value, str) and option.parse is not str and not value):
         return option.default
     try:
