@@ -37,6 +37,8 @@ from batch.progress import Progress, Tally
 from batch.recipients import RecipientList
 from batch.sentlog import Outcome, SentLog, Status
 from batch.source import fingerprint, read_rows
+from batch.suppression import Suppressions
+from batch.throttle import paced_prefetch
 from batch.worker import WorkerSettings
 
 log = logging.getLogger("batch")
@@ -92,6 +94,7 @@ class Launcher:
         s = self.settings
         template = Template.from_file(s.template)
         self._check_columns(template)
+        self.suppressions = Suppressions.read(s.suppress) if s.suppress else None
         campaign = s.campaign or derive_campaign(s, template)
         if s.dry_run:
             return self._dry_run(template, campaign)
@@ -126,6 +129,8 @@ class Launcher:
             resuming(Tally.of(ledger)),
         )  # fmt: skip
 
+        if s.rate:
+            log.info("rate limit: %s messages per second, all workers together", f"{s.rate:g}")
         pool = WorkerPool(
             self._worker_settings(campaign, ledger.path, template, relay),
             s.workers,
@@ -146,8 +151,11 @@ class Launcher:
         """Render every recipient's message and show the first; touch no queue, no file."""
         composer = Composer(template, campaign)
         recipients = self._recipients()
-        rendered = unrenderable = 0
+        rendered = unrenderable = suppressed = 0
         for recipient in recipients:
+            if self.suppressions and recipient.address in self.suppressions:
+                suppressed += 1
+                continue
             try:
                 letter = composer.compose(recipient.address, recipient.fields)
             except TemplateError as error:
@@ -163,9 +171,9 @@ class Launcher:
             log.warning("%s: row %d refused: %s", self.settings.source, rejection.row,
                         rejection.reason)  # fmt: skip
         log.info(
-            "dry run of campaign %s: %d messages rendered, %d could not be, %d rows refused; "
-            "nothing was sent or queued",
-            campaign, rendered, unrenderable, len(recipients.rejections),
+            "dry run of campaign %s: %d messages rendered, %d could not be, %d rows refused, "
+            "%d suppressed; nothing was sent or queued",
+            campaign, rendered, unrenderable, len(recipients.rejections), suppressed,
         )  # fmt: skip
         return ExitCode.USAGE if unrenderable else ExitCode.OK
 
@@ -216,6 +224,8 @@ class Launcher:
             self._sent_log(folder, campaign),
             publish_all=publish_all,
             reconnect_for_s=self.settings.reconnect_for,
+            suppressions=self.suppressions,
+            limit=self.settings.limit,
         )
         loader.broker.connect()
         return loader
@@ -230,6 +240,7 @@ class Launcher:
             password=s.smtp_password,
             verify_tls=s.smtp_verify,
             timeout_s=s.smtp_timeout,
+            max_per_session=s.max_per_connection,
         )
 
     def _broker(self, campaign: str) -> Broker:
@@ -251,11 +262,12 @@ class Launcher:
             amqp_url=s.amqp_url,
             retry_delays_s=s.retry_delays_s,
             max_attempts=s.max_attempts,
-            prefetch=s.prefetch,
+            prefetch=paced_prefetch(s.prefetch, s.workers, s.rate),
             resend_in_doubt=s.in_doubt == "resend",
             verbosity=s.verbosity,
             heartbeat_s=s.amqp_heartbeat,
             reconnect_for_s=s.reconnect_for,
+            rate_per_s=s.rate,
         )
 
     # During the run.

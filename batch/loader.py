@@ -7,6 +7,10 @@ transaction. After each committed batch it fsyncs a checkpoint (the last row the
 holds), so a rerun publishes only rows past it, unless the broker holds nothing of the
 campaign any more, in which case everything unsettled goes in again. Publishing a
 recipient twice is harmless: the worker's claim drops the second copy.
+
+Recipients on the suppression list are settled as `suppressed` instead. With a limit,
+only the list's first N recipients are considered; the rest are counted, not noted, so
+a later run with a higher limit (or none) goes on where this one stopped.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from batch.broker import Broker
 from batch.errors import Unavailable
 from batch.recipients import Recipient, RecipientList, Rejection
 from batch.sentlog import SentLog, Status, safe_cell
+from batch.suppression import Suppressions
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,8 @@ class LoadCounts:
     rejected: int = 0
     settled: int = 0  # settled in an earlier run
     published: int = 0
+    suppressed: int = 0
+    held: int = 0  # unsettled recipients past the limit, left for a later run
     done: bool = False
 
 
@@ -50,9 +57,13 @@ class Loader:
         *,
         publish_all: bool,
         reconnect_for_s: float,
+        suppressions: Suppressions | None = None,
+        limit: int | None = None,
         batch_size: int = 500,
     ) -> None:
         self.recipients = recipients
+        self.suppressions = suppressions
+        self.limit = limit
         self.broker = broker
         self.checkpoint = campaign_dir / "loaded.json"
         self.rejected_path = campaign_dir / "rejected.csv"
@@ -80,12 +91,19 @@ class Loader:
     def load(self) -> None:
         """Read the list and publish the recipients still to mail, in batches."""
         batch: list[Recipient] = []
-        for recipient in self.recipients:
+        past_limit: list[str] = []
+        for number, recipient in enumerate(self.recipients, start=1):
             self.counts.rows = self.recipients.seen
+            if self.limit is not None and number > self.limit:
+                past_limit.append(recipient.address)
+                if len(past_limit) >= self.batch_size:
+                    self._hold(past_limit)
+                continue
             batch.append(recipient)
             if len(batch) >= self.batch_size:
                 self._publish(batch)
         self._publish(batch)
+        self._hold(past_limit)
         self.counts.rows = self.recipients.seen
         self.counts.rejected = len(self.recipients.rejections)
         write_rejections(self.rejected_path, self.recipients.rejections)
@@ -95,11 +113,12 @@ class Loader:
         """Publish a batch's unsettled recipients in one transaction, then checkpoint."""
         if not batch:
             return
-        unsettled = self.ledger.expect(r.address for r in batch)
-        self.counts.settled += len(batch) - len(unsettled)
+        mailable = self._suppress(batch) if self.suppressions else batch
+        unsettled = self.ledger.expect(r.address for r in mailable)
+        self.counts.settled += len(mailable) - len(unsettled)
         bodies = [
             message_of(r)
-            for r in batch
+            for r in mailable
             if r.address in unsettled
             and (r.row > self.publish_after or unsettled[r.address] == Status.IN_DOUBT)
         ]
@@ -113,6 +132,21 @@ class Loader:
                 self.counts.published += self.broker.publish(bodies)
         write_checkpoint(self.checkpoint, batch[-1].row)
         batch.clear()
+
+    def _suppress(self, batch: list[Recipient]) -> list[Recipient]:
+        """Settle the batch's suppressed recipients; return the others."""
+        listed = [r.address for r in batch if r.address in self.suppressions]
+        if listed:
+            reason = f"on the suppression list {self.suppressions.path}"
+            newly = self.ledger.suppress(listed, reason)
+            self.counts.suppressed += newly
+            self.counts.settled += len(listed) - newly
+        return [r for r in batch if r.address not in self.suppressions]
+
+    def _hold(self, addresses: list[str]) -> None:
+        """Count the unsettled recipients past the limit, without noting them."""
+        self.counts.held += self.ledger.pending_among(addresses)
+        addresses.clear()
 
 
 def message_of(recipient: Recipient) -> dict[str, object]:

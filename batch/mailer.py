@@ -63,6 +63,7 @@ class RelaySettings:
     verify_tls: bool = True
     timeout_s: float = 60.0
     data_timeout_s: float = 600.0  # RFC 5321 lets the relay think 10 minutes after DATA
+    max_per_session: int | None = None  # transactions before a new session; None: no cap
 
     def describe(self) -> str:
         """Name the relay for messages, never the password."""
@@ -76,6 +77,7 @@ class Mailer:
     def __init__(self, settings: RelaySettings) -> None:
         self.settings = settings
         self._client: yagmail.SMTP | None = None
+        self._in_session = 0  # transactions begun in the current session
         if settings.tls != "none" and not settings.verify_tls:
             log.warning(
                 "relay %s: TLS certificate verification is off (--smtp-verify false): "
@@ -104,6 +106,7 @@ class Mailer:
         except (OSError, smtplib.SMTPException) as error:
             raise Unavailable(f"relay {relay}: cannot connect: {_describe(error)}") from None
         self._client = client
+        self._in_session = 0
 
     def close(self) -> None:
         """Say QUIT if the session is still up."""
@@ -113,7 +116,11 @@ class Mailer:
 
     def send(self, sender: str, recipient: str, message: bytes) -> Attempt:
         """Run one MAIL/RCPT/DATA transaction and say how it ended."""
+        cap = self.settings.max_per_session
+        if cap is not None and self._in_session >= cap:
+            self.close()  # a relay that caps its sessions refuses the one past the cap
         self.open()
+        self._in_session += 1
         smtp = self._client.smtp
 
         # Until the final "." is written, a failure means the relay has nothing.

@@ -38,6 +38,7 @@ class Tally:
     in_doubt: int
     waiting: int  # queued, claimed or deferred (and in doubt, with --in-doubt resend)
     total: int
+    suppressed: int = 0
 
     @classmethod
     def of(cls, ledger: SentLog) -> Tally:
@@ -49,6 +50,7 @@ class Tally:
             in_doubt=counts[Status.IN_DOUBT],
             waiting=ledger.remaining(),
             total=sum(counts.values()),
+            suppressed=counts[Status.SUPPRESSED],
         )
 
     @property
@@ -130,17 +132,20 @@ class Progress:
             else "rows refused: not known yet, the list was not read to its end"
         )
         summary_log.info(
-            "%s %s: %d sent, %d failed, %d in doubt, %d waiting; %s; sent-log: %s",
+            "%s %s: %d sent, %d failed, %d in doubt, %d waiting%s; %s%s; sent-log: %s",
             "done in" if finished else "stopped after", elapsed,
-            tally.sent, tally.failed, tally.in_doubt, tally.waiting, refused,
-            folder / "sent-log.csv",
+            tally.sent, tally.failed, tally.in_doubt, tally.waiting,
+            f", {tally.suppressed} suppressed" if tally.suppressed else "", refused,
+            held_back(loader), folder / "sent-log.csv",
         )  # fmt: skip
 
     def _list_read(self, loader: Loader) -> None:
         counts = loader.counts
         log.info(
-            "list %s read: %d rows, %d refused, %d settled by an earlier run, %d queued now",
-            self.source, counts.rows, counts.rejected, counts.settled, counts.published,
+            "list %s read: %d rows, %d refused, %d settled by an earlier run, %d suppressed, "
+            "%d queued now%s",
+            self.source, counts.rows, counts.rejected, counts.settled, counts.suppressed,
+            counts.published, held_back(loader),
         )  # fmt: skip
 
     def _draw(self, line: str) -> None:
@@ -148,6 +153,13 @@ class Progress:
         self.stream.write("\r" + line + "\x1b[K")
         self.stream.flush()
         self.drawn = True
+
+
+def held_back(loader: Loader) -> str:
+    """Say how many recipients --limit left for a later run, if it left any."""
+    if loader.limit is None or not loader.counts.done:
+        return ""
+    return f"; {loader.counts.held} left for a later run by --limit {loader.limit}"
 
 
 def bar_line(tally: Tally, rate: float, eta: str, columns: int) -> str:

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batch import suppression
 from batch.errors import BatchError, ExitCode, UsageError
 from batch.sentlog import COLUMNS, QUEUED, SentLogError, Status, safe_cell
 
@@ -31,6 +32,7 @@ exit codes:
 examples:
   python -m batch.report --state-dir state --campaign nightly-2026-12-03
   python -m batch.report state/nightly-2026-12-03 --csv audit.csv
+  python -m batch.report state/nightly-2026-12-03 --export-refused lists/suppressed.txt
 """
 EXPORT_COLUMNS = (
     "recipient",
@@ -41,7 +43,15 @@ EXPORT_COLUMNS = (
     "last_timestamp",
 )
 # The order statuses are counted in; a status this list lacks comes after them.
-ORDER = (Status.SENT, Status.FAILED, Status.IN_DOUBT, Status.DEFERRED, Status.CLAIMED, QUEUED)
+ORDER = (
+    Status.SENT,
+    Status.FAILED,
+    Status.IN_DOUBT,
+    Status.SUPPRESSED,
+    Status.DEFERRED,
+    Status.CLAIMED,
+    QUEUED,
+)
 LISTED = ((Status.FAILED, "failed"), (Status.IN_DOUBT, "in doubt"))
 SHOW_DEFAULT = 50
 
@@ -84,12 +94,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         campaign = read_campaign(campaign_folder(args))
         if args.csv:
             export(campaign, args.csv)
+        refused = refused_for_good(campaign)
+        added = suppression.add(args.export_refused, refused) if args.export_refused else 0
     except BatchError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     print(render(campaign, show=args.show))
     if args.csv:
         print(f"\n{len(campaign.recipients)} recipients exported to {args.csv}")
+    if args.export_refused:
+        print(
+            f"\n{len(refused)} recipients' addresses refused for good; "
+            f"{added} added to {args.export_refused}"
+        )
     return ExitCode.OK
 
 
@@ -117,6 +134,12 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--csv", type=Path, metavar="FILE", help="export one row per recipient to FILE"
+    )
+    parser.add_argument(
+        "--export-refused",
+        type=Path,
+        metavar="FILE",
+        help="add the addresses the relay refused for good to the suppression list FILE",
     )
     parser.add_argument(
         "--show",
@@ -221,6 +244,16 @@ def count_rejected(path: Path) -> int | None:
 
 
 # Writing the report.
+
+
+def refused_for_good(campaign: Campaign) -> list[str]:
+    """List the failed recipients whose address the relay refused for good."""
+    return [
+        recipient
+        for recipient, standing in campaign.recipients.items()
+        if standing.status == Status.FAILED
+        and suppression.address_refused(standing.smtp_code, standing.smtp_reply)
+    ]
 
 
 def render(campaign: Campaign, show: int = SHOW_DEFAULT) -> str:

@@ -70,6 +70,7 @@ class Status(StrEnum):
     FAILED = "failed"  # refused for good (5xx), or 4xx until the attempts ran out
     IN_DOUBT = "in-doubt"  # the relay may have accepted it; nobody can know
     DEFERRED = "deferred"  # refused for now (4xx); will be tried again
+    SUPPRESSED = "suppressed"  # on the suppression list: never mailed
 
 
 # In the index only: the loader queued the recipient and nothing has happened yet.
@@ -121,7 +122,7 @@ class SentLog:
         self.worker = worker_name()
         self.torn_bytes = 0
         self._dirty = False
-        self._settled = {Status.SENT, Status.FAILED}
+        self._settled = {Status.SENT, Status.FAILED, Status.SUPPRESSED}
         if not resend_in_doubt:
             self._settled.add(Status.IN_DOUBT)
         self._blocking = self._settled | {Status.CLAIMED}
@@ -181,19 +182,32 @@ class SentLog:
         if not recipients:
             return {}
         with self._locked():
-            known = dict(
-                self._index.execute(
-                    "SELECT address, status FROM recipients WHERE address IN "
-                    f"({','.join('?' * len(recipients))})",
-                    recipients,
-                ).fetchall()
-            )
+            known = self._known(recipients)
             with self._index:
                 self._index.executemany(
                     "INSERT OR IGNORE INTO recipients (address, status) VALUES (?, ?)",
                     [(r, QUEUED) for r in recipients if r not in known],
                 )
         return {r: known.get(r, QUEUED) for r in recipients if known.get(r) not in self._settled}
+
+    def pending_among(self, recipients: Iterable[str]) -> int:
+        """Count the recipients not settled yet, noting nothing."""
+        recipients = list(recipients)
+        return sum(self._known(recipients).get(r) not in self._settled for r in recipients)
+
+    def suppress(self, recipients: Iterable[str], reason: str) -> int:
+        """Settle every unsettled one of these recipients as suppressed; return how many."""
+        recipients = list(recipients)
+        if not recipients:
+            return 0
+        outcome = Outcome(Status.SUPPRESSED, None, reason)
+        with self._locked():
+            known = self._known(recipients)
+            unsettled = [r for r in recipients if known.get(r) not in self._blocking]
+            for recipient in unsettled:
+                self._append(recipient, "", outcome)
+        self.sync()
+        return len(unsettled)
 
     def settle_open_claims(self, reason: str, worker: str | None = None) -> list[str]:
         """Record every claim without an outcome (of one worker, or all) as in-doubt."""
@@ -237,6 +251,12 @@ class SentLog:
 
     def _locked(self) -> AbstractContextManager[object]:
         return self._file_lock or _Flock(self._fd)
+
+    def _known(self, recipients: list[str]) -> dict[str, str]:
+        """Look up the latest status of each of these recipients the index knows."""
+        marks = ",".join("?" * len(recipients))
+        query = f"SELECT address, status FROM recipients WHERE address IN ({marks})"
+        return dict(self._index.execute(query, recipients).fetchall())
 
     def _status(self, recipient: str) -> str | None:
         row = self._index.execute(

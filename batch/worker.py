@@ -35,6 +35,7 @@ from batch.logs import setup_logging
 from batch.mailer import Attempt, Mailer, RelaySettings, Result
 from batch.message import Composer, Template
 from batch.sentlog import Ledger, Outcome, SentLog, Status
+from batch.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,18 @@ class WorkerSettings:
     verbosity: int
     heartbeat_s: int
     reconnect_for_s: float  # how long to keep trying a lost broker or relay
+    rate_per_s: float | None = None  # all workers together; the pool shares the throttle
 
 
-def main(settings: WorkerSettings, stop: Any, lifeline: Any) -> None:
+def main(
+    settings: WorkerSettings, stop: Any, lifeline: Any, throttle: Throttle | None = None
+) -> None:
     """Run one worker until `stop` is set or `lifeline` closes; exit with an ExitCode."""
     setup_logging(settings.verbosity)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when to stop
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        code = Worker(settings, stop, lifeline).run()
+        code = Worker(settings, stop, lifeline, throttle).run()
     except BatchError as error:
         log.error("%s", error)
         code = error.exit_code
@@ -76,10 +80,14 @@ def main(settings: WorkerSettings, stop: Any, lifeline: Any) -> None:
 class Worker:
     """One broker connection, one relay session, one sender thread."""
 
-    def __init__(self, settings: WorkerSettings, stop: Any, lifeline: Any) -> None:
+    def __init__(
+        self, settings: WorkerSettings, stop: Any, lifeline: Any, throttle: Throttle | None
+    ) -> None:
         self.settings = settings
         self.stop = stop
         self.lifeline = lifeline
+        self.throttle = throttle
+        self.leaving = threading.Event()  # set once the main thread stops consuming
         self.exit_code = ExitCode.OK
         self.giving_up = False  # the broker stayed away longer than reconnect_for_s
         self.inbox: queue.Queue[Any] = queue.Queue()
@@ -113,6 +121,7 @@ class Worker:
                 self._reconnect_broker()
 
         # Deliveries not begun go back to the queue when the connection closes.
+        self.leaving.set()
         with self.inbox.mutex:
             self.inbox.queue.clear()
         self.inbox.put(STOP)
@@ -197,6 +206,8 @@ class Worker:
 
     def _handle(self, delivery: Delivery, content: dict[str, Any]) -> None:
         """Claim, send, record; the ack follows once the outcome is durable."""
+        if not self._await_slot():
+            return  # leaving: the delivery goes back to the queue unacked
         recipient = content["recipient"]
         message_id = self.composer.message_id(recipient)
         if not self.ledger.claim(recipient, message_id):
@@ -224,6 +235,16 @@ class Worker:
             self.broker.call_soon(partial(self.broker.retry_later, delivery))
         else:
             self.done.append(delivery)
+
+    def _await_slot(self) -> bool:
+        """Wait for the run's rate limit to allow one more message; False if leaving."""
+        if self.throttle is None:
+            return True
+        wait_s = self.throttle.reserve()
+        if wait_s <= 0:
+            return True
+        self._flush()  # ack what is settled rather than hold it through the wait
+        return not self.leaving.wait(wait_s)
 
     def _send(self, sender: str, recipient: str, data: bytes) -> Attempt:
         """Send, reopening the session as long as the relay was not reached."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import mailbox
 import signal
 import socket
@@ -39,6 +40,8 @@ class Accepted:
     rcpt_tos: tuple[str, ...]
     content: bytes
     message_id: str | None
+    received_at: float = 0.0  # time.monotonic() when its DATA ended
+    connection: int = 0  # which SMTP connection carried it, numbered from 1
 
 
 # A reply such as (550, "5.1.1 no such user") or (451, "4.3.0 try again later").
@@ -257,6 +260,13 @@ class _Handler:
 
     def __init__(self, relay: RecordingRelay) -> None:
         self.relay = relay
+        self._connections = itertools.count(1)
+
+    def _connection_number(self, session) -> int:
+        """Number each connection the first time it carries a message."""
+        if not hasattr(session, "massmail_connection"):
+            session.massmail_connection = next(self._connections)
+        return session.massmail_connection
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
         # A relay going down: the client hears nothing, before it has sent any message.
@@ -280,6 +290,8 @@ class _Handler:
             rcpt_tos=tuple(envelope.rcpt_tos),
             content=content,
             message_id=message_id.strip() if message_id else None,
+            received_at=time.monotonic(),
+            connection=self._connection_number(session),
         )
         self.relay._record(accepted)
 

@@ -1,0 +1,164 @@
+"""Runs an operator holds back: --limit, --rate, --max-per-connection and --suppress."""
+
+from __future__ import annotations
+
+from batch.report import main as report_main
+from tests.conftest import delete_queues, people, received_counts, write_csv, write_template
+
+
+def test_limit_sends_to_the_first_n_and_a_later_run_without_it_sends_the_rest(job, tmp_path):
+    rows = people(50)
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+    first, rest = [r["email"] for r in rows[:20]], [r["email"] for r in rows[20:]]
+
+    limited = job.run(source, template, "--workers", "3", "--limit", "20")
+
+    assert limited.returncode == 0, limited.stderr
+    assert received_counts(job.relay) == dict.fromkeys(first, 1)
+    assert set(job.final_statuses()) == set(first)
+    assert "30 left for a later run by --limit 20" in limited.stderr
+
+    again = job.run(source, template, "--workers", "3", "--limit", "20")
+
+    assert again.returncode == 0, again.stderr
+    assert job.relay.count() == 20  # the same first 20, all settled: nothing more
+
+    rest_run = job.run(source, template, "--workers", "3")
+
+    assert rest_run.returncode == 0, rest_run.stderr
+    assert received_counts(job.relay) == dict.fromkeys(first + rest, 1)
+    assert set(job.final_statuses().values()) == {"sent"}
+
+
+def test_the_rate_limit_holds_for_all_workers_together(job, tmp_path):
+    rows = people(120)
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+
+    result = job.run(source, template, "--workers", "4", "--rate", "20/s")
+
+    assert result.returncode == 0, result.stderr
+    assert received_counts(job.relay) == dict.fromkeys([r["email"] for r in rows], 1)
+    times = sorted(m.received_at for m in job.relay.messages())
+    # Four workers each allowed 20/s would reach 80/s: the pace is shared or it is not.
+    measured = (len(times) - 1) / (times[-1] - times[0])
+    assert 20 * 0.9 <= measured <= 20 * 1.1, f"{measured:.1f} messages/s against 20/s asked"
+    # No second of the run holds more than the rate allows, give or take one.
+    busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert busiest <= 20 * 1.1 + 1, f"{busiest} messages in one second against 20/s asked"
+
+
+def test_the_rate_limit_is_per_minute_when_asked_so(job, tmp_path):
+    rows = people(4)
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+
+    result = job.run(source, template, "--workers", "2", "--rate", "120/min")
+
+    assert result.returncode == 0, result.stderr
+    times = sorted(m.received_at for m in job.relay.messages())
+    assert len(times) == 4
+    assert times[-1] - times[0] >= 3 * 0.5 * 0.9  # 2 per second: 3 gaps of half a second
+
+
+def test_a_session_never_carries_more_than_max_per_connection_messages(job, tmp_path):
+    rows = people(60)
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+
+    result = job.run(source, template, "--workers", "2", "--max-per-connection", "7")
+
+    assert result.returncode == 0, result.stderr
+    assert received_counts(job.relay) == dict.fromkeys([r["email"] for r in rows], 1)
+    per_connection: dict[int, int] = {}
+    for message in job.relay.messages():
+        per_connection[message.connection] = per_connection.get(message.connection, 0) + 1
+    assert max(per_connection.values()) <= 7
+    assert len(per_connection) >= 60 // 7
+
+
+def test_suppressed_addresses_are_never_mailed_and_are_logged_suppressed(job, tmp_path):
+    rows = people(30)
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+    suppress = tmp_path / "suppressed.txt"
+    suppress.write_text(
+        "# asked not to be mailed\nPerson3@Example.com\nPerson 7 <person7@example.com>\n"
+        "nobody@elsewhere.example\n",
+        encoding="utf-8",
+    )
+
+    result = job.run(source, template, "--workers", "2", "--suppress", str(suppress))
+
+    assert result.returncode == 0, result.stderr
+    counts = received_counts(job.relay)
+    assert counts["person3@example.com"] == 0 and counts["person7@example.com"] == 0
+    assert sum(counts.values()) == 28 and set(counts.values()) == {1}
+    statuses = job.final_statuses()
+    assert statuses["person3@example.com"] == statuses["person7@example.com"] == "suppressed"
+    assert [s for s in statuses.values() if s != "sent"] == ["suppressed"] * 2
+    assert "2 suppressed" in result.stderr
+
+
+def test_a_csv_suppression_list_with_an_email_column_is_read_too(job, tmp_path):
+    rows = people(10)
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+    suppress = write_csv(
+        tmp_path / "suppressed.csv", [{"since": "2026-01-01", "Email": "person4@example.com"}]
+    )
+
+    result = job.run(source, template, "--suppress", str(suppress))
+
+    assert result.returncode == 0, result.stderr
+    assert received_counts(job.relay)["person4@example.com"] == 0
+    assert job.final_statuses()["person4@example.com"] == "suppressed"
+    assert job.relay.count() == 9
+
+
+def test_addresses_refused_for_good_are_exported_and_then_suppressed(job, tmp_path, capsys):
+    rows = people(12)
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+    job.relay.refuse = {
+        "person1@example.com": (550, "5.1.1 no such user"),
+        "person2@example.com": (554, "5.7.1 message looks like spam"),
+    }
+    suppress = tmp_path / "suppressed.txt"
+    suppress.write_text("person9@example.com\n", encoding="utf-8")
+
+    first = job.run(source, template, "--suppress", str(suppress))
+    code = report_main([str(job.folder), "--export-refused", str(suppress)])
+
+    assert first.returncode == 1  # two failed
+    assert code == 0
+    # The unknown user is suppressed from now on; a refusal of the content is not the address's.
+    assert suppress.read_text(encoding="utf-8").splitlines() == [
+        "person9@example.com",
+        "person1@example.com",
+    ]
+    assert "1 added to" in capsys.readouterr().out
+
+    job.relay.refuse = {}
+    job.campaign += "-next"
+    try:
+        job.run(source, template, "--suppress", str(suppress))
+    finally:
+        delete_queues(job.amqp_url, job.campaign)
+    counts = received_counts(job.relay)
+    assert counts["person1@example.com"] == 0 and counts["person9@example.com"] == 0
+    assert counts["person2@example.com"] == 1  # refused once, then mailed by the next campaign
+    assert job.final_statuses()["person1@example.com"] == "suppressed"
+
+
+def test_an_unreadable_suppression_list_stops_the_run_before_anything_is_sent(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(5))
+    template = write_template(tmp_path / "template.txt")
+    missing = tmp_path / "no-such-list.txt"
+
+    result = job.run(source, template, "--suppress", str(missing))
+
+    assert result.returncode == 2
+    assert str(missing) in result.stderr
+    assert job.relay.count() == 0
