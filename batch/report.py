@@ -5,6 +5,8 @@ recipient's last line is its state; `rejected.csv`, the rows the list could not 
 and the sent-log's index, for the recipients queued but not tried yet. A running job
 appends to the sent-log while the report reads it: a last line without its newline is
 still being written (or was torn by a crash), and is left for the next look.
+
+The report is printed as text; `--html FILE` also writes it as a page (batch.report_html).
 """
 
 from __future__ import annotations
@@ -19,19 +21,20 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batch import suppression
+from batch import report_html, suppression
 from batch.errors import BatchError, ExitCode, UsageError
 from batch.sentlog import COLUMNS, QUEUED, SentLogError, Status, safe_cell
 
 EPILOG = """\
 exit codes:
   0   the report was printed (whatever the campaign's state)
-  2   no such campaign, or a usage error
+  2   no such campaign, a usage error, or a FILE that cannot be written
   70  the sent-log cannot be read
 
 examples:
   python -m batch.report --state-dir state --campaign nightly-2026-12-03
   python -m batch.report state/nightly-2026-12-03 --csv audit.csv
+  python -m batch.report state/nightly-2026-12-03 --html report.html
   python -m batch.report state/nightly-2026-12-03 --export-refused lists/suppressed.txt
 """
 EXPORT_COLUMNS = (
@@ -53,6 +56,9 @@ ORDER = (
     QUEUED,
 )
 LISTED = ((Status.FAILED, "failed"), (Status.IN_DOUBT, "in doubt"))
+# The outcomes the sending rate counts: a deferred attempt is tried again, and a suppressed
+# recipient is never mailed.
+SETTLED = frozenset({Status.SENT, Status.FAILED, Status.IN_DOUBT})
 SHOW_DEFAULT = 50
 
 
@@ -81,10 +87,23 @@ class Campaign:
     unfinished_bytes: int = 0  # a last line still being written
     rejected: int | None = None  # None: rejected.csv is not written yet
     index_problem: str = ""  # why the recipients not tried yet are not known
+    # Sent, failed and in-doubt lines by the second they were written ("2026-12-03T02:30:01",
+    # UTC as every timestamp of the sent-log) and their status: the sending rate over time.
+    settled: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def counts(self) -> Counter[str]:
         """Count recipients by their status."""
         return Counter(standing.status for standing in self.recipients.values())
+
+    def by_status(self) -> list[tuple[str, int]]:
+        """Count recipients by their status, in the order the report shows them."""
+        counts = self.counts()
+        statuses = [str(s) for s in ORDER if counts[s]] + sorted(set(counts) - set(ORDER))
+        return [(status, counts[status]) for status in statuses]
+
+    def listed(self, status: str) -> list[tuple[str, Standing]]:
+        """List the recipients whose last line has this status, in the sent-log's order."""
+        return [(r, s) for r, s in self.recipients.items() if s.status == status]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         campaign = read_campaign(campaign_folder(args))
         if args.csv:
             export(campaign, args.csv)
+        if args.html:
+            report_html.write(campaign, args.html, show=args.show)
         refused = refused_for_good(campaign)
         added = suppression.add(args.export_refused, refused) if args.export_refused else 0
     except BatchError as error:
@@ -102,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render(campaign, show=args.show))
     if args.csv:
         print(f"\n{len(campaign.recipients)} recipients exported to {args.csv}")
+    if args.html:
+        print(f"\nthe report as a page: {args.html}")
     if args.export_refused:
         print(
             f"\n{len(refused)} recipients' addresses refused for good; "
@@ -134,6 +157,9 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--csv", type=Path, metavar="FILE", help="export one row per recipient to FILE"
+    )
+    parser.add_argument(
+        "--html", type=Path, metavar="FILE", help="also write the report as an HTML page"
     )
     parser.add_argument(
         "--export-refused",
@@ -189,6 +215,8 @@ def read_campaign(folder: Path) -> Campaign:
         campaign.recipients[row["recipient"]] = Standing(
             row["status"], row["smtp_code"], row["smtp_reply"], message_id, row["timestamp"]
         )
+        if row["status"] in SETTLED:
+            campaign.settled[row["timestamp"][:19], row["status"]] += 1
     for recipient in queued:
         campaign.recipients.setdefault(recipient, Standing(QUEUED))
     campaign.rejected = count_rejected(folder / "rejected.csv")
@@ -258,11 +286,9 @@ def refused_for_good(campaign: Campaign) -> list[str]:
 
 def render(campaign: Campaign, show: int = SHOW_DEFAULT) -> str:
     """Render the counts, then the failed and in-doubt recipients, as text."""
-    counts = campaign.counts()
-    statuses = [str(s) for s in ORDER if counts[s]] + sorted(set(counts) - set(ORDER))
     lines = [f"campaign {campaign.folder.name} ({campaign.folder})", ""]
     lines.append(f"  {'recipients':<14}{len(campaign.recipients):>8}")
-    lines += [f"  {status:<14}{counts[status]:>8}" for status in statuses]
+    lines += [f"  {status:<14}{count:>8}" for status, count in campaign.by_status()]
     if campaign.index_problem:
         lines.append(f"  {QUEUED:<14}not known: {campaign.index_problem}")
     refused = "not known yet" if campaign.rejected is None else f"{campaign.rejected:>8}"
@@ -274,7 +300,7 @@ def render(campaign: Campaign, show: int = SHOW_DEFAULT) -> str:
         lines.append(f"  {'':<14}and {campaign.unfinished_bytes} bytes of a line being written")
 
     for status, title in LISTED:
-        listed = [(r, s) for r, s in campaign.recipients.items() if s.status == status]
+        listed = campaign.listed(status)
         if listed:
             lines += ["", f"{title} ({len(listed)}):"]
             lines += [

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from batch.report import main as report_main
 from tests.conftest import delete_queues, people, received_counts, write_csv, write_template
 
 
-def test_limit_sends_to_the_first_n_and_a_later_run_without_it_sends_the_rest(job, tmp_path):
-    rows = people(50)
+def list_and_template(tmp_path: Path, count: int):
+    """Write a list of count people and the standard template."""
+    rows = people(count)
     source = write_csv(tmp_path / "list.csv", rows)
-    template = write_template(tmp_path / "template.txt")
+    return rows, source, write_template(tmp_path / "template.txt")
+
+
+def test_limit_sends_to_the_first_n_and_a_later_run_without_it_sends_the_rest(job, tmp_path):
+    rows, source, template = list_and_template(tmp_path, 50)
     first, rest = [r["email"] for r in rows[:20]], [r["email"] for r in rows[20:]]
 
     limited = job.run(source, template, "--workers", "3", "--limit", "20")
@@ -32,9 +39,7 @@ def test_limit_sends_to_the_first_n_and_a_later_run_without_it_sends_the_rest(jo
 
 
 def test_the_rate_limit_holds_for_all_workers_together(job, tmp_path):
-    rows = people(120)
-    source = write_csv(tmp_path / "list.csv", rows)
-    template = write_template(tmp_path / "template.txt")
+    rows, source, template = list_and_template(tmp_path, 120)
 
     result = job.run(source, template, "--workers", "4", "--rate", "20/s")
 
@@ -50,9 +55,7 @@ def test_the_rate_limit_holds_for_all_workers_together(job, tmp_path):
 
 
 def test_the_rate_limit_is_per_minute_when_asked_so(job, tmp_path):
-    rows = people(4)
-    source = write_csv(tmp_path / "list.csv", rows)
-    template = write_template(tmp_path / "template.txt")
+    rows, source, template = list_and_template(tmp_path, 4)
 
     result = job.run(source, template, "--workers", "2", "--rate", "120/min")
 
@@ -63,9 +66,7 @@ def test_the_rate_limit_is_per_minute_when_asked_so(job, tmp_path):
 
 
 def test_a_session_never_carries_more_than_max_per_connection_messages(job, tmp_path):
-    rows = people(60)
-    source = write_csv(tmp_path / "list.csv", rows)
-    template = write_template(tmp_path / "template.txt")
+    rows, source, template = list_and_template(tmp_path, 60)
 
     result = job.run(source, template, "--workers", "2", "--max-per-connection", "7")
 
@@ -79,9 +80,7 @@ def test_a_session_never_carries_more_than_max_per_connection_messages(job, tmp_
 
 
 def test_suppressed_addresses_are_never_mailed_and_are_logged_suppressed(job, tmp_path):
-    rows = people(30)
-    source = write_csv(tmp_path / "list.csv", rows)
-    template = write_template(tmp_path / "template.txt")
+    rows, source, template = list_and_template(tmp_path, 30)
     suppress = tmp_path / "suppressed.txt"
     suppress.write_text(
         "# asked not to be mailed\nPerson3@Example.com\nPerson 7 <person7@example.com>\n"
@@ -102,9 +101,7 @@ def test_suppressed_addresses_are_never_mailed_and_are_logged_suppressed(job, tm
 
 
 def test_a_csv_suppression_list_with_an_email_column_is_read_too(job, tmp_path):
-    rows = people(10)
-    source = write_csv(tmp_path / "list.csv", rows)
-    template = write_template(tmp_path / "template.txt")
+    rows, source, template = list_and_template(tmp_path, 10)
     suppress = write_csv(
         tmp_path / "suppressed.csv", [{"since": "2026-01-01", "Email": "person4@example.com"}]
     )
@@ -118,9 +115,7 @@ def test_a_csv_suppression_list_with_an_email_column_is_read_too(job, tmp_path):
 
 
 def test_addresses_refused_for_good_are_exported_and_then_suppressed(job, tmp_path, capsys):
-    rows = people(12)
-    source = write_csv(tmp_path / "list.csv", rows)
-    template = write_template(tmp_path / "template.txt")
+    rows, source, template = list_and_template(tmp_path, 12)
     job.relay.refuse = {
         "person1@example.com": (550, "5.1.1 no such user"),
         "person2@example.com": (554, "5.7.1 message looks like spam"),
