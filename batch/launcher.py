@@ -20,18 +20,18 @@ from filelock import FileLock, Timeout
 from batch import config
 from batch.broker import Broker, describe, recipient_of
 from batch.config import Settings
+from batch.dry_run import dry_run
 from batch.errors import (
     AlreadyRunning,
     BatchError,
     ExitCode,
-    TemplateError,
     Unavailable,
     UsageError,
 )
 from batch.loader import Loader, message_of
 from batch.logs import setup_logging
 from batch.mailer import Mailer, RelaySettings
-from batch.message import Composer, Template
+from batch.message import MessageParts
 from batch.pool import WorkerPool
 from batch.progress import Progress, Tally
 from batch.recipients import RecipientList
@@ -92,12 +92,12 @@ class Launcher:
     def run(self) -> ExitCode:
         """Check the inputs, hold the campaign's lock, and run it."""
         s = self.settings
-        template = Template.from_file(s.template)
-        self._check_columns(template)
+        parts = self._message_parts()
+        self._check_columns(parts)
         self.suppressions = Suppressions.read(s.suppress) if s.suppress else None
-        campaign = s.campaign or derive_campaign(s, template)
+        campaign = s.campaign or derive_campaign(s, parts)
         if s.dry_run:
-            return self._dry_run(template, campaign)
+            return dry_run(parts.composer(campaign), self._recipients(), self.suppressions)
         folder = campaign_folder(s.state_dir, campaign)
 
         lock = FileLock(folder / "run.lock")
@@ -108,11 +108,11 @@ class Launcher:
                 f"campaign {campaign}: another run is active (it holds {folder / 'run.lock'})"
             ) from None
         try:
-            return self._run_locked(campaign, folder, template)
+            return self._run_locked(campaign, folder, parts)
         finally:
             lock.release()
 
-    def _run_locked(self, campaign: str, folder: Path, template: Template) -> ExitCode:
+    def _run_locked(self, campaign: str, folder: Path, parts: MessageParts) -> ExitCode:
         """Recover, load, send and watch, then sum up."""
         s = self.settings
         ledger = self._sent_log(folder, campaign, rebuild=True)
@@ -132,7 +132,7 @@ class Launcher:
         if s.rate:
             log.info("rate limit: %s messages per second, all workers together", f"{s.rate:g}")
         pool = WorkerPool(
-            self._worker_settings(campaign, ledger.path, template, relay),
+            self._worker_settings(campaign, ledger.path, parts, relay),
             s.workers,
             max_restarts=3 * s.workers,
         )
@@ -147,44 +147,25 @@ class Launcher:
             broker.close()
         return self._summary(ledger, loader, folder, code)
 
-    def _dry_run(self, template: Template, campaign: str) -> ExitCode:
-        """Render every recipient's message and show the first; touch no queue, no file."""
-        composer = Composer(template, campaign)
-        recipients = self._recipients()
-        rendered = unrenderable = suppressed = 0
-        for recipient in recipients:
-            if self.suppressions and recipient.address in self.suppressions:
-                suppressed += 1
-                continue
-            try:
-                letter = composer.compose(recipient.address, recipient.fields)
-            except TemplateError as error:
-                unrenderable += 1
-                log.error("%s: row %d (%s): %s", self.settings.source, recipient.row,
-                          recipient.address, error)  # fmt: skip
-                continue
-            if not rendered:
-                sample = letter.data.decode("utf-8", "replace").replace("\r\n", "\n")
-                print(f"--- the message for {recipient.address} ---\n{sample}", flush=True)
-            rendered += 1
-        for rejection in recipients.rejections:
-            log.warning("%s: row %d refused: %s", self.settings.source, rejection.row,
-                        rejection.reason)  # fmt: skip
-        log.info(
-            "dry run of campaign %s: %d messages rendered, %d could not be, %d rows refused, "
-            "%d suppressed; nothing was sent or queued",
-            campaign, rendered, unrenderable, len(recipients.rejections), suppressed,
-        )  # fmt: skip
-        return ExitCode.USAGE if unrenderable else ExitCode.OK
-
     # Before the run.
 
-    def _check_columns(self, template: Template) -> None:
-        """Refuse a template that uses a column the list lacks, before anything is sent."""
+    def _message_parts(self) -> MessageParts:
+        """Read the template, its HTML twin, the unsubscribe links and the attachments."""
+        s = self.settings
+        return MessageParts.read(
+            s.template,
+            html=s.html_template,
+            unsubscribe_url=s.unsubscribe_url,
+            unsubscribe_mailto=s.unsubscribe_mailto,
+            attach=s.attach,
+        )
+
+    def _check_columns(self, parts: MessageParts) -> None:
+        """Refuse a part that uses a column the list lacks, before anything is sent."""
         s = self.settings
         first = next(iter(read_rows(s.source, query=s.query, sheet=s.sheet)), None)
         if first is not None:
-            template.check_columns(set(first.fields), str(s.source))
+            parts.check(first.fields, str(s.source))
 
     def _recover(self, ledger: SentLog) -> None:
         """Repair what a crash left in the sent-log."""
@@ -250,14 +231,19 @@ class Launcher:
         )
 
     def _worker_settings(
-        self, campaign: str, sent_log: Path, template: Template, relay: RelaySettings
+        self, campaign: str, sent_log: Path, parts: MessageParts, relay: RelaySettings
     ) -> WorkerSettings:
         s = self.settings
         return WorkerSettings(
             campaign=campaign,
             sent_log=sent_log,
-            template_text=template.text,
-            template_name=template.name,
+            template_text=parts.template.text,
+            template_name=parts.template.name,
+            html_text=parts.html.text if parts.html else None,
+            html_name=parts.html.name if parts.html else "",
+            unsubscribe_url=s.unsubscribe_url,
+            unsubscribe_mailto=s.unsubscribe_mailto,
+            attachments=parts.attachments,
             relay=relay,
             amqp_url=s.amqp_url,
             retry_delays_s=s.retry_delays_s,
@@ -366,13 +352,21 @@ def resuming(tally: Tally) -> str:
     return f"; resuming: {tally.done} of {tally.total} recipients settled by earlier runs"
 
 
-def derive_campaign(settings: Settings, template: Template) -> str:
-    """Name a campaign after its list and template, so the same command resumes it."""
+def derive_campaign(settings: Settings, parts: MessageParts) -> str:
+    """Name a campaign after its list and templates, so the same command resumes it."""
     digest = hashlib.sha256()
     digest.update(
         fingerprint(settings.source, query=settings.query, sheet=settings.sheet).encode()
     )
-    digest.update(template.text.encode())
+    digest.update(parts.template.text.encode())
+    # What a campaign of plain text alone lacks adds nothing: its name stays what it was.
+    if parts.html is not None:
+        digest.update(b"\0html\0" + parts.html.text.encode())
+    for link in (settings.unsubscribe_url, settings.unsubscribe_mailto):
+        if link:
+            digest.update(b"\0unsubscribe\0" + link.encode())
+    for attachment in parts.attachments:
+        digest.update(b"\0attachment\0" + attachment.part)
     digest.update(settings.email_column.lower().encode())
     return f"auto-{digest.hexdigest()[:16]}"
 

@@ -1,9 +1,11 @@
 """The message: a mailmerge-style template, compiled once, stamped per recipient.
 
 A template is header lines (`From:`, `Subject:`, optional `Reply-To:` and others), a
-blank line, then a Jinja2 body. Headers and body may use the list's columns. Everything
-that is the same for every recipient is composed once; per recipient only the rendered
-headers, the body, `To`, `Date` and `Message-ID` are stamped.
+blank line, then a Jinja2 body. Headers and body may use the list's columns. An HTML
+template (a Jinja2 body only, its column values HTML-escaped), unsubscribe links and
+attachments may go with it. Everything that is the same for every recipient is composed
+once; per recipient only the rendered headers and bodies, `To`, `Date` and `Message-ID`
+are stamped.
 
 Header values are rendered, then any line break in them becomes a space, so no column
 value can add a header or a recipient.
@@ -12,10 +14,9 @@ value can add a header or a recipient.
 from __future__ import annotations
 
 import hashlib
-import quopri
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.header import Header
 from email.utils import formataddr, formatdate, parseaddr
@@ -25,13 +26,20 @@ import jinja2
 import jinja2.meta
 
 from batch.errors import TemplateError
+from batch.mime import (
+    CONTROL_CHARACTERS,
+    MAX_LINE_BYTES,
+    Attachment,
+    Layout,
+    Part,
+    read_attachment,
+)
 from batch.recipients import envelope_form
+from batch.unsubscribe import Unsubscribe
 
 FORBIDDEN_HEADERS = frozenset({"to", "cc", "bcc", "message-id", "date", "mime-version"})
 CONTENT_HEADERS = frozenset({"content-type", "content-transfer-encoding"})
-MAX_LINE_BYTES = 998
 PLAIN_ADDRESS = re.compile(r"[^\s<>()\[\],;:\"@]+@[^\s<>()\[\],;:\"@]+")
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")  # tab and line breaks included
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +62,10 @@ class Template:
         self._env = jinja2.Environment(
             undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
         )
-        self.headers = [(field, self._compile(value, line)) for field, value, line in header_lines]
-        self.body = self._compile(body, body_line)
+        self.headers = [
+            (field, _compile(self._env, value, name, line)) for field, value, line in header_lines
+        ]
+        self.body = _compile(self._env, body, name, body_line)
         self.header_variables = [self._names(value) for _, value, _ in header_lines]
         self.body_variables = self._names(body)
         self.variables = self.body_variables.union(*self.header_variables)
@@ -64,23 +74,7 @@ class Template:
     @classmethod
     def from_file(cls, path: Path) -> Template:
         """Read and compile a template file."""
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise TemplateError(f"{path}: cannot read the template: {error}") from None
-        return cls(text, name=str(path))
-
-    def _compile(self, source: str, first_line: int) -> jinja2.Template:
-        """Compile one part, reporting syntax errors with the template's line number."""
-        try:
-            template = self._env.from_string(source)
-        except jinja2.TemplateSyntaxError as error:
-            line = first_line + (error.lineno or 1) - 1
-            raise TemplateError(f"{self.name}: line {line}: {error.message}") from None
-        # A plain dict instead of Jinja2's layered globals: every render copies them, and
-        # copying a dict is several times cheaper than walking the layers.
-        template.globals = dict(template.globals)
-        return template
+        return cls(_read(path, "template"), name=str(path))
 
     def _names(self, source: str) -> set[str]:
         """List the column names one part of the template uses."""
@@ -103,23 +97,121 @@ class Template:
 
     def check_columns(self, columns: set[str], source: str) -> None:
         """Fail before anything is sent if the template uses a column the list lacks."""
-        missing = sorted(self.variables - columns)
-        if missing:
-            raise TemplateError(
-                f"{self.name}: uses {', '.join(missing)}, which {source} does not have "
-                f"(columns: {', '.join(sorted(columns))})"
-            )
+        _check_columns(self.name, self.variables, columns, source)
+
+
+class HtmlTemplate:
+    """The HTML alternative: a Jinja2 body without headers; column values are escaped."""
+
+    def __init__(self, text: str, *, name: str = "<html template>") -> None:
+        self.name = name
+        self.text = text
+        env = jinja2.Environment(
+            undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=True
+        )
+        self.body = _compile(env, text, name, 1)
+        self.variables = jinja2.meta.find_undeclared_variables(env.parse(text))
+
+    @classmethod
+    def from_file(cls, path: Path) -> HtmlTemplate:
+        """Read and compile an HTML template file."""
+        return cls(_read(path, "HTML template"), name=str(path))
+
+
+def html_twin(template: Path) -> Path | None:
+    """Find the HTML template beside a text one: welcome.html for welcome.txt."""
+    twin = template.with_suffix(".html")
+    return twin if twin != template and twin.is_file() else None
+
+
+@dataclass(frozen=True)
+class MessageParts:
+    """What every recipient's message is made of, checked and compiled."""
+
+    template: Template
+    html: HtmlTemplate | None = None
+    unsubscribe: Unsubscribe | None = None
+    attachments: tuple[Attachment, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Refuse a template with its own List-Unsubscribe when the options make one."""
+        if self.unsubscribe is None:
+            return
+        for field, _ in self.template.headers:
+            if field.lower() in {"list-unsubscribe", "list-unsubscribe-post"}:
+                raise TemplateError(
+                    f"{self.template.name}: has a {field} header, and the unsubscribe "
+                    "options set it too: keep one"
+                )
+
+    @classmethod
+    def read(
+        cls,
+        template: Path,
+        *,
+        html: Path | None,
+        unsubscribe_url: str | None,
+        unsubscribe_mailto: str | None,
+        attach: Sequence[Path],
+    ) -> MessageParts:
+        """Read the template and what goes with it; an HTML twin is found by its name."""
+        html = html or html_twin(template)
+        return cls(
+            Template.from_file(template),
+            HtmlTemplate.from_file(html) if html else None,
+            Unsubscribe.of(unsubscribe_url, unsubscribe_mailto),
+            tuple(read_attachment(path) for path in attach),
+        )
+
+    def check(self, row: Mapping[str, str], source: str) -> None:
+        """Fail before anything is sent if a part needs a column the list's first row lacks.
+
+        The unsubscribe links are rendered for that row too, so a link that is malformed
+        for every recipient (a column not urlencoded, say) stops the run at the start.
+        """
+        columns = set(row)
+        self.template.check_columns(columns, source)
+        if self.html is not None:
+            _check_columns(self.html.name, self.html.variables, columns, source)
+        if self.unsubscribe is not None:
+            for link in self.unsubscribe.links:
+                _check_columns(link.name, link.variables, columns, source)
+            try:
+                self.unsubscribe.headers(row)
+            except TemplateError as error:
+                raise TemplateError(f"{source}, first row: {error}") from None
+
+    def composer(self, campaign: str) -> Composer:
+        """Make the composer that stamps these parts for each recipient of a campaign."""
+        return Composer(
+            self.template,
+            campaign,
+            html=self.html,
+            unsubscribe=self.unsubscribe,
+            attachments=self.attachments,
+        )
 
 
 class Composer:
-    """Stamp a campaign's template for each recipient.
+    """Stamp a campaign's message for each recipient.
 
-    Parts that use no column (often From, Reply-To, sometimes the body) are rendered and
-    encoded once; per recipient only the rest is rendered.
+    Parts that use no column (often From, Reply-To, the unsubscribe links, sometimes the
+    bodies) are rendered and encoded once, the attachments and the MIME structure too;
+    per recipient only the rest is rendered.
     """
 
-    def __init__(self, template: Template, campaign: str) -> None:
+    def __init__(
+        self,
+        template: Template,
+        campaign: str,
+        *,
+        html: HtmlTemplate | None = None,
+        unsubscribe: Unsubscribe | None = None,
+        attachments: Sequence[Attachment] = (),
+    ) -> None:
         self.template = template
+        self.html = html
+        self.unsubscribe = unsubscribe
         self.campaign = campaign
         self._domain = template.sender.rpartition("@")[2]
         self._headers: list[tuple[str, jinja2.Template | None, str]] = [
@@ -128,7 +220,16 @@ class Composer:
                 template.headers, template.header_variables, strict=True
             )
         ]
-        self._body = None if template.body_variables else _encode_body(template.body.render())
+        self._layout = Layout(campaign, html=html is not None, attachments=attachments)
+        self._body: Part | None = None  # each body, when it is the same for everyone
+        if not template.body_variables:
+            self._body = self._layout.encode(template.body.render())
+        self._html: Part | None = None
+        if html is not None and not html.variables:
+            self._html = self._layout.encode(html.body.render())
+        self._links: list[str] | None = None  # the unsubscribe headers, likewise
+        if unsubscribe is not None and not unsubscribe.variables:
+            self._links = unsubscribe.headers({})
         self._date = (0, "")
 
     def message_id(self, recipient: str) -> str:
@@ -145,9 +246,10 @@ class Composer:
                 static or _header(name, tmpl.render(fields))
                 for name, tmpl, static in self._headers
             ]
-            encoding, payload = self._body or _encode_body(self.template.body.render(fields))
+            text = self._body or self._layout.encode(self.template.body.render(fields))
         except jinja2.UndefinedError as error:
             raise TemplateError(f"{self.template.name}: {error.message}") from None
+        html = None if self.html is None else self._html_part(self.html, fields)
 
         # The address is validated (no spaces, commas or line breaks), so it goes in as it
         # is; a non-ASCII local part stays raw UTF-8, as SMTPUTF8 mail carries it (RFC 6532).
@@ -155,11 +257,21 @@ class Composer:
         lines.append(f"To: {envelope_form(recipient)}")
         lines.append(f"Date: {self._now()}")
         lines.append(f"Message-ID: {message_id}")
-        lines.append("MIME-Version: 1.0")
-        lines.append('Content-Type: text/plain; charset="utf-8"')
-        lines.append(f"Content-Transfer-Encoding: {encoding}")
+        if self.unsubscribe is not None:
+            lines.extend(self._links or self.unsubscribe.headers(fields))
+        mime_headers, payload = self._layout.assemble(text, html)
+        lines.extend(mime_headers)
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
         return Letter(self.template.sender, recipient, message_id, head + payload)
+
+    def _html_part(self, html: HtmlTemplate, fields: Mapping[str, str]) -> Part:
+        """Render and encode the HTML body for one recipient, unless it is the same for all."""
+        if self._html is not None:
+            return self._html
+        try:
+            return self._layout.encode(html.body.render(fields))
+        except jinja2.UndefinedError as error:
+            raise TemplateError(f"{html.name}: {error.message}") from None
 
     def _now(self) -> str:
         """Format the Date header, once a second."""
@@ -167,6 +279,37 @@ class Composer:
         if self._date[0] != second:
             self._date = (second, formatdate(second, usegmt=True))
         return self._date[1]
+
+
+def _read(path: Path, what: str) -> str:
+    """Read a template file as UTF-8, naming it if it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise TemplateError(f"{path}: cannot read the {what}: {error}") from None
+
+
+def _compile(env: jinja2.Environment, source: str, name: str, first_line: int) -> jinja2.Template:
+    """Compile one part, reporting syntax errors with the file's line number."""
+    try:
+        template = env.from_string(source)
+    except jinja2.TemplateSyntaxError as error:
+        line = first_line + (error.lineno or 1) - 1
+        raise TemplateError(f"{name}: line {line}: {error.message}") from None
+    # A plain dict instead of Jinja2's layered globals: every render copies them, and
+    # copying a dict is several times cheaper than walking the layers.
+    template.globals = dict(template.globals)
+    return template
+
+
+def _check_columns(name: str, variables: set[str], columns: set[str], source: str) -> None:
+    """Refuse a part that uses a column the list lacks."""
+    missing = sorted(variables - columns)
+    if missing:
+        raise TemplateError(
+            f"{name}: uses {', '.join(missing)}, which {source} does not have "
+            f"(columns: {', '.join(sorted(columns))})"
+        )
 
 
 def _split(text: str, name: str) -> tuple[list[tuple[str, str, int]], str, int]:
@@ -212,12 +355,3 @@ def _header(name: str, value: str) -> str:
             return f"{name}: {folded}"
     encoded = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
     return f"{name}: {encoded}"
-
-
-def _encode_body(body: str) -> tuple[str, bytes]:
-    """Encode the body as 7bit when it is plain short ASCII, else quoted-printable."""
-    lines = body.replace("\r\n", "\n").split("\n")
-    if body.isascii() and all(len(line) <= MAX_LINE_BYTES for line in lines):
-        return "7bit", "\r\n".join(lines).encode("ascii")
-    encoded = quopri.encodestring("\n".join(lines).encode("utf-8"))
-    return "quoted-printable", encoded.replace(b"\n", b"\r\n")

@@ -54,7 +54,7 @@ class RecipientList:
         allow_smtputf8: bool = True,
     ) -> None:
         self._rows = rows
-        self._source = source
+        self.source = source
         self._email_column = email_column
         self._allow_smtputf8 = allow_smtputf8
         # Keyed by a 128-bit digest of the address, a sixth less memory than the address
@@ -93,12 +93,12 @@ class RecipientList:
 
         if matches:
             raise SourceError(
-                f"{self._source}: more than one address column matches "
+                f"{self.source}: more than one address column matches "
                 f"'{self._email_column}' ({', '.join(matches)}): rename all but one"
             )
         found = ", ".join(row.fields) or "none"
         raise SourceError(
-            f"{self._source}: no address column '{self._email_column}' "
+            f"{self.source}: no address column '{self._email_column}' "
             f"(columns found: {found}): use --email-column"
         )
 

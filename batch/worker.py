@@ -33,9 +33,11 @@ from batch.broker import Broker, Delivery, decode
 from batch.errors import BatchError, ExitCode, TemplateError, Unavailable
 from batch.logs import setup_logging
 from batch.mailer import Attempt, Mailer, RelaySettings, Result
-from batch.message import Composer, Template
+from batch.message import Composer, HtmlTemplate, MessageParts, Template
+from batch.mime import Attachment
 from batch.sentlog import Ledger, Outcome, SentLog, Status
 from batch.throttle import Throttle
+from batch.unsubscribe import Unsubscribe
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,11 @@ class WorkerSettings:
     sent_log: Path
     template_text: str
     template_name: str
+    html_text: str | None  # the HTML template, if any
+    html_name: str
+    unsubscribe_url: str | None
+    unsubscribe_mailto: str | None
+    attachments: tuple[Attachment, ...]  # read and encoded once, by the launcher
     relay: RelaySettings
     amqp_url: str
     retry_delays_s: tuple[float, ...]
@@ -96,8 +103,7 @@ class Worker:
         self.ledger: Ledger = SentLog(
             Path(settings.sent_log), settings.campaign, resend_in_doubt=settings.resend_in_doubt
         )
-        template = Template(settings.template_text, name=settings.template_name)
-        self.composer = Composer(template, settings.campaign)
+        self.composer = _composer(settings)
         self.mailer = Mailer(settings.relay)
         self.broker = Broker(
             settings.amqp_url,
@@ -288,3 +294,17 @@ class Worker:
         last = self.done[-1]
         self.done.clear()
         self.broker.call_soon(partial(self.broker.ack, last.generation, last.tag, multiple=True))
+
+
+def _composer(settings: WorkerSettings) -> Composer:
+    """Compile the campaign's message from its settings."""
+    html = None
+    if settings.html_text is not None:
+        html = HtmlTemplate(settings.html_text, name=settings.html_name)
+    parts = MessageParts(
+        Template(settings.template_text, name=settings.template_name),
+        html,
+        Unsubscribe.of(settings.unsubscribe_url, settings.unsubscribe_mailto),
+        settings.attachments,
+    )
+    return parts.composer(settings.campaign)

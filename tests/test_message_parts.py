@@ -1,0 +1,353 @@
+"""HTML alternatives, List-Unsubscribe and attachments, as the relay receives them."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import re
+from urllib.parse import quote
+
+from tests.conftest import people, write_csv, write_template
+
+TEMPLATE = """\
+From: Test Sender <sender@example.com>
+Subject: Grüße {{ name }}
+
+Dear {{ name }},
+this is the text part.
+"""
+HTML = "<p>Dear {{ name }},</p>\n<p>this is the HTML part.</p>\n"
+HOSTILE_NAME = 'Zoë <script>alert("x")</script>'
+URL = "https://example.com/unsubscribe?list=news&e={{ email | urlencode }}"
+MAILTO = "leave@example.com?subject=unsubscribe"
+
+
+def parsed(content: bytes) -> email.message.EmailMessage:
+    return email.message_from_bytes(content, policy=email.policy.default)
+
+
+def write_templates(tmp_path, html: str | None = HTML):
+    """Write template.txt, and template.html beside it when html is given."""
+    if html is not None:
+        (tmp_path / "template.html").write_text(html, encoding="utf-8")
+    return write_template(tmp_path / "template.txt", TEMPLATE)
+
+
+def links(message) -> list[str]:
+    """The URIs of a List-Unsubscribe header, in their order."""
+    return re.findall(r"<([^<>]*)>", str(message["List-Unsubscribe"]))
+
+
+def assert_refused_and_nothing_sent(job, result, *parts: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for part in parts:
+        assert part in result.stderr
+    assert job.relay.count() == 0
+    assert not job.folder.exists()
+
+
+# The HTML alternative.
+
+
+def test_an_html_twin_of_the_template_goes_out_after_the_text_with_columns_escaped(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", [{"email": "zoe@example.com", "name": HOSTILE_NAME}])
+    template = write_templates(tmp_path)
+
+    result = job.run(source, template)
+
+    assert result.returncode == 0, result.stderr
+    [accepted] = job.relay.messages()
+    message = parsed(accepted.content)
+    assert message.get_content_type() == "multipart/alternative"
+    text, html = message.iter_parts()
+    assert (text.get_content_type(), html.get_content_type()) == ("text/plain", "text/html")
+    assert message["Subject"] == f"Grüße {HOSTILE_NAME}"
+    assert f"Dear {HOSTILE_NAME}," in text.get_content()
+    assert "<p>Dear Zoë &lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;,</p>" in html.get_content()
+    assert "<script>" not in html.get_content()
+
+
+def test_an_html_template_named_by_option_is_used_instead_of_the_twin(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(1))
+    template = write_templates(tmp_path)
+    other = tmp_path / "other.html"
+    other.write_text("<h1>Other for {{ name }}</h1>\n", encoding="utf-8")
+
+    result = job.run(source, template, "--html-template", str(other))
+
+    assert result.returncode == 0, result.stderr
+    [accepted] = job.relay.messages()
+    html = parsed(accepted.content).get_body(("html",)).get_content()
+    assert html.strip() == "<h1>Other for Person 0</h1>"
+
+
+def test_without_html_links_or_attachments_a_message_stays_one_text_part(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(1))
+    template = write_templates(tmp_path, html=None)
+
+    assert job.run(source, template).returncode == 0
+
+    [accepted] = job.relay.messages()
+    message = parsed(accepted.content)
+    assert message.get_content_type() == "text/plain"
+    assert not message.is_multipart()
+    assert message["List-Unsubscribe"] is None
+
+
+def test_an_html_template_using_a_missing_column_is_refused_naming_the_file(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(2))
+    template = write_templates(tmp_path, html="<p>{{ nmae }}</p>\n")
+
+    result = job.run(source, template)
+
+    assert_refused_and_nothing_sent(job, result, "template.html", "nmae")
+
+
+def test_an_html_template_syntax_error_is_refused_with_its_file_and_line(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(2))
+    template = write_templates(tmp_path, html="<p>fine</p>\n<p>{{ name }</p>\n")
+
+    result = job.run(source, template)
+
+    assert_refused_and_nothing_sent(job, result, "template.html: line 2:")
+
+
+def test_a_column_holding_the_boundary_line_cannot_end_a_part_early(job, tmp_path):
+    template = write_templates(tmp_path)
+    probe = job.run(write_csv(tmp_path / "probe.csv", people(1)), template, "--dry-run")
+    boundary = re.search(r'boundary="([^"]+)"', probe.stdout).group(1)
+    hostile = f"x\n--{boundary}\nContent-Type: text/html\n\n<b>forged</b>\n--{boundary}--"
+    source = write_csv(tmp_path / "list.csv", [{"email": "ann@example.com", "name": hostile}])
+
+    assert job.run(source, template).returncode == 0
+
+    [accepted] = job.relay.messages()
+    text, html = parsed(accepted.content).iter_parts()
+    assert f"Dear {hostile}," in text.get_content().replace("\r\n", "\n")
+    assert html.get_content_type() == "text/html"
+    assert "&lt;b&gt;forged&lt;/b&gt;" in html.get_content()
+    assert "<b>forged</b>" not in html.get_content()
+
+
+def test_an_edited_html_template_makes_a_new_campaign_when_none_is_named(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(1))
+    template = write_templates(tmp_path)
+
+    def derived_name() -> str:
+        result = job.run(source, template, "--dry-run", campaign=False)
+        return re.search(r"dry run of campaign (\S+):", result.stderr).group(1)
+
+    first, again = derived_name(), derived_name()
+    write_templates(tmp_path, html=HTML + "<p>P.S.</p>\n")
+    edited = derived_name()
+
+    assert first == again
+    assert edited != first
+
+
+# List-Unsubscribe.
+
+
+def test_list_unsubscribe_offers_both_links_with_the_recipients_address_percent_encoded(
+    job, tmp_path
+):
+    rows = [
+        {"email": "ann+news@example.com", "name": "Ann"},
+        {"email": "bob@example.com", "name": "Bob"},
+    ]
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_templates(tmp_path, html=None)
+
+    result = job.run(source, template, "--unsubscribe-url", URL, "--unsubscribe-mailto", MAILTO)
+
+    assert result.returncode == 0, result.stderr
+    messages = {m.rcpt_tos[0]: parsed(m.content) for m in job.relay.messages()}
+    assert links(messages["ann+news@example.com"]) == [
+        "mailto:leave@example.com?subject=unsubscribe",
+        "https://example.com/unsubscribe?list=news&e=ann%2Bnews%40example.com",
+    ]
+    assert links(messages["bob@example.com"])[1].endswith(f"e={quote('bob@example.com', '')}")
+    for message in messages.values():
+        assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+def test_a_long_list_unsubscribe_header_folds_only_between_its_links(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(1))
+    template = write_templates(tmp_path, html=None)
+    long_url = URL + "&token=" + "t" * 300
+
+    result = job.run(
+        source, template, "--unsubscribe-url", long_url, "--unsubscribe-mailto", MAILTO
+    )
+
+    assert result.returncode == 0, result.stderr
+    [accepted] = job.relay.messages()
+    raw = re.search(rb"\r\nList-Unsubscribe: (.*?)\r\n(?![ \t])", accepted.content, re.S).group(1)
+    physical = raw.split(b"\r\n")
+    assert physical[0] == b"<mailto:leave@example.com?subject=unsubscribe>,"
+    url = "https://example.com/unsubscribe?list=news&e=person0%40example.com&token=" + "t" * 300
+    assert physical[1] == f" <{url}>".encode()
+
+
+def test_with_only_a_mailto_link_there_is_no_one_click_header(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(1))
+    template = write_templates(tmp_path, html=None)
+
+    result = job.run(source, template, "--unsubscribe-mailto", "mailto:" + MAILTO)
+
+    assert result.returncode == 0, result.stderr
+    [accepted] = job.relay.messages()
+    message = parsed(accepted.content)
+    assert links(message) == ["mailto:leave@example.com?subject=unsubscribe"]
+    assert message["List-Unsubscribe-Post"] is None
+
+
+def test_an_unsubscribe_url_that_is_not_https_is_refused_before_anything_is_sent(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(3))
+    template = write_templates(tmp_path, html=None)
+
+    result = job.run(source, template, "--unsubscribe-url", "http://example.com/u?e={{ email }}")
+
+    assert_refused_and_nothing_sent(job, result, "--unsubscribe-url", "https")
+
+
+def test_an_unsubscribe_link_with_an_unencoded_space_is_refused_before_anything_is_sent(
+    job, tmp_path
+):
+    source = write_csv(tmp_path / "list.csv", people(3))
+    template = write_templates(tmp_path, html=None)
+
+    result = job.run(source, template, "--unsubscribe-url", "https://example.com/u?n={{ name }}")
+
+    assert_refused_and_nothing_sent(
+        job, result, "--unsubscribe-url", "https://example.com/u?n=Person 0", "percent-encoded"
+    )
+
+
+def test_a_later_row_whose_unsubscribe_link_is_malformed_fails_and_the_others_are_sent(
+    job, tmp_path
+):
+    rows = [
+        {"email": "ann@example.com", "name": "Ann"},
+        {"email": "bob@example.com", "name": "Bob Lee"},
+        {"email": "cy@example.com", "name": "Cy"},
+    ]
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_templates(tmp_path, html=None)
+
+    result = job.run(source, template, "--unsubscribe-url", "https://example.com/u?n={{ name }}")
+
+    assert result.returncode == 1, result.stderr
+    assert sorted(m.rcpt_tos[0] for m in job.relay.messages()) == [
+        "ann@example.com",
+        "cy@example.com",
+    ]
+    last = {row["recipient"]: row for row in job.sent_log()}
+    assert last["bob@example.com"]["status"] == "failed"
+    assert "https://example.com/u?n=Bob Lee" in last["bob@example.com"]["smtp_reply"]
+
+
+# Attachments.
+
+
+def test_each_attachment_arrives_byte_for_byte_under_its_own_name(job, tmp_path):
+    rows = people(3)
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_templates(tmp_path, html=None)
+    files = {"Überblick 2026 – résumé.bin": os.urandom(70_000), "terms.pdf": os.urandom(3_000)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    attach = [arg for name in files for arg in ("--attach", str(tmp_path / name))]
+
+    result = job.run(source, template, *attach)
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(m.rcpt_tos[0] for m in job.relay.messages()) == [r["email"] for r in rows]
+    for accepted in job.relay.messages():
+        message = parsed(accepted.content)
+        assert message.get_content_type() == "multipart/mixed"
+        body, *attachments = message.iter_parts()
+        assert "this is the text part." in body.get_content()
+        assert {a.get_filename(): a.get_content() for a in attachments} == files
+        assert [a.get_content_type() for a in attachments] == [
+            "application/octet-stream",
+            "application/pdf",
+        ]
+
+
+# Text and HTML as alternatives, first; then the attached file.
+FULL_STRUCTURE = [
+    "multipart/mixed",
+    "multipart/alternative",
+    "text/plain",
+    "text/html",
+    "application/octet-stream",
+]
+
+
+def test_html_and_attachments_together_put_the_alternative_first(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(1))
+    template = write_templates(tmp_path)
+    (tmp_path / "data.bin").write_bytes(os.urandom(500))
+
+    result = job.run(source, template, "--attach", str(tmp_path / "data.bin"))
+
+    assert result.returncode == 0, result.stderr
+    [accepted] = job.relay.messages()
+    message = parsed(accepted.content)
+    assert [part.get_content_type() for part in message.walk()] == FULL_STRUCTURE
+    assert message.get_body(("html",)).get_content().startswith("<p>Dear Person 0,</p>")
+
+
+def test_a_missing_attachment_is_refused_naming_it_before_anything_is_sent(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(3))
+    template = write_templates(tmp_path)
+    (tmp_path / "here.pdf").write_bytes(b"%PDF-1.4")
+
+    result = job.run(
+        source, template,
+        "--attach", str(tmp_path / "here.pdf"),
+        "--attach", str(tmp_path / "missing.pdf"),
+    )  # fmt: skip
+
+    assert_refused_and_nothing_sent(job, result, "missing.pdf", "cannot read the attachment")
+
+
+# The dry run.
+
+
+def test_a_dry_run_prints_the_whole_multipart_message(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(2))
+    template = write_templates(tmp_path)
+    data = os.urandom(200)
+    (tmp_path / "data.bin").write_bytes(data)
+
+    result = job.run(
+        source, template, "--dry-run",
+        "--attach", str(tmp_path / "data.bin"),
+        "--unsubscribe-url", URL,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert job.relay.count() == 0
+    banner, _, sample = result.stdout.partition("\n")
+    assert banner == "--- the message for person0@example.com ---"
+    message = parsed(sample.encode())
+    assert [part.get_content_type() for part in message.walk()] == FULL_STRUCTURE
+    assert links(message) == ["https://example.com/unsubscribe?list=news&e=person0%40example.com"]
+    assert next(message.iter_attachments()).get_content() == data
+
+
+def test_a_dry_run_shows_only_the_start_of_a_large_attachment(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(1))
+    template = write_templates(tmp_path)
+    (tmp_path / "big.bin").write_bytes(os.urandom(100_000))
+
+    result = job.run(source, template, "--dry-run", "--attach", str(tmp_path / "big.bin"))
+
+    assert result.returncode == 0, result.stderr
+    assert "[... the rest of this attachment is not shown ...]" in result.stdout
+    assert len(result.stdout.splitlines()) < 60  # the whole of it would be 1,800 lines
+    assert "Dear Person 0," in result.stdout
