@@ -45,7 +45,7 @@ log = logging.getLogger("batch")
 
 EXIT_CODES = """\
 exit codes:
-  0   every recipient was sent
+  0   every recipient was sent (with --limit N: every one of the first N)
   1   the run finished, but some recipients failed or are in doubt (see the sent-log)
   2   usage, configuration, list or template error: nothing was sent
   3   another run of this campaign is active
