@@ -1,0 +1,1 @@
+"""Measure the mass-mail job against baselines; run it through scripts/bench."""
