@@ -109,10 +109,13 @@ class Mailer:
         self._in_session = 0
 
     def close(self) -> None:
-        """Say QUIT if the session is still up."""
+        """Say QUIT if the session is still up; a relay gone already needs no goodbye."""
         client, self._client = self._client, None
         if client is not None:
-            client.close()
+            try:
+                client.close()
+            except (OSError, smtplib.SMTPException):
+                client.is_closed = True
 
     def send(self, sender: str, recipient: str, message: bytes) -> Attempt:
         """Run one MAIL/RCPT/DATA transaction and say how it ended."""
