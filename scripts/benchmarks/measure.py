@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import secrets
 import smtplib
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pika
@@ -26,8 +28,12 @@ from .lists import recipient_address, recipient_name, write_csv, write_xlsx
 from .profiling import Profile
 from .results import Figure, Row, make_row
 from .settings import (
+    ATTACHMENT_BYTES,
     FIXED_TEMPLATE,
+    HTML_TEMPLATE,
     MEMORY_BASELINE_SIZE,
+    PACED_DURATION_S,
+    PACED_SHARE,
     PERSONAL_TEMPLATE,
     PROFILE_DURATION_S,
     RETRY_DELAYS_S,
@@ -45,6 +51,7 @@ class Bench:
         self.tmp = tmp
         self.amqp_url = amqp_url
         self.sink_port = sink_port
+        self.last_sending_rate = 0.0  # of the last job run, from its sent-log's timestamps
 
     def measure(self, sizes: list[int]) -> list[Row]:
         """Take every measurement at every size; each ratio's two sides are taken together."""
@@ -81,6 +88,8 @@ class Bench:
             fixed = Figure("job, fixed template", self.run_job(n, FIXED_TEMPLATE).rate, "msg/s")
             rows.append(make_row(n, fixed, base))
             rows.append(make_row(n, sent, fixed, title="personalised / fixed (target >= 0.80)"))
+            rows += self._message_parts(n, sent)
+            rows += self._paced(sent)
 
         for kind in ("csv", "xlsx"):
             loaded = Figure(f"load alone, {kind}", self.load_rate(n, kind), "rcpt/s")
@@ -119,10 +128,37 @@ class Bench:
         say(f"baseline: {rate:,.0f} msg/s ({len(letter.data):,} bytes a message)")
         return rate
 
+    def _message_parts(self, n: int, sent: Figure) -> list[Row]:
+        """Run the job with an HTML alternative and an attachment, against plain text."""
+        job = self.run_job(n, PERSONAL_TEMPLATE, html=HTML_TEMPLATE, attachment=ATTACHMENT_BYTES)
+        title = f"job, text + HTML + {ATTACHMENT_BYTES // 1000} KB attachment"
+        return [make_row(n, Figure(title, job.rate, "msg/s"), sent)]
+
+    def _paced(self, sent: Figure) -> list[Row]:
+        """Run the job with --rate at a share of its unlimited rate; compare what it kept."""
+        asked = max(1, round(sent.value * PACED_SHARE))
+        n = max(100, round(asked * PACED_DURATION_S))
+        self.run_job(n, PERSONAL_TEMPLATE, options={"--rate": f"{asked}/s"})
+        kept = Figure(f"job, --rate {asked}/s", self.last_sending_rate, "msg/s")
+        return [make_row(n, kept, Figure("the rate asked", asked, "msg/s"))]
+
     # 2 and 3. The job end to end.
 
-    def run_job(self, n: int, template: str, profile_to: Path | None = None) -> JobRun:
-        """Run batch.run on a fresh list of n recipients; time it and sample its memory."""
+    def run_job(
+        self,
+        n: int,
+        template: str,
+        profile_to: Path | None = None,
+        *,
+        html: str | None = None,
+        attachment: int = 0,
+        options: dict[str, str] | None = None,
+    ) -> JobRun:
+        """Run batch.run on a fresh list of n recipients; time it and sample its memory.
+
+        html adds an HTML alternative, attachment a file of that many random bytes, and
+        options more flags; the sending rate the sent-log shows is kept in last_sending_rate.
+        """
         campaign, folder = self._new_campaign("bench")
         source, template_path = folder / "list.csv", folder / "template.txt"
         write_csv(source, n)
@@ -130,17 +166,23 @@ class Bench:
         kind = "personalised" if "{{" in template else "fixed"
         say(f"job: {n:,} recipients, {kind} template, {WORKERS} workers, campaign {campaign}")
 
-        options = {
+        flags = {
             "--source": source, "--template": template_path, "--campaign": campaign,
             "--state-dir": self.tmp, "--smtp-host": "127.0.0.1", "--smtp-port": self.sink_port,
             "--smtp-tls": "none", "--workers": WORKERS, "--amqp-url": self.amqp_url,
+            **(options or {}),
         }  # fmt: skip
+        if html is not None:
+            template_path.with_suffix(".html").write_text(html, encoding="utf-8")
+        if attachment:
+            flags["--attach"] = folder / "attachment.pdf"
+            flags["--attach"].write_bytes(os.urandom(attachment))
         command = [sys.executable, "-m", "batch.run", "-q"]
-        for option, value in options.items():
+        for option, value in flags.items():
             command += [option, str(value)]
         with queues_deleted(self.amqp_url, campaign):
             run = JobWatch(command, folder, n, profile_to).run()
-        check_sent(folder / "sent-log.csv", n)
+        self.last_sending_rate = check_sent(folder / "sent-log.csv", n)
         say(f"job: {run.rate:,.0f} msg/s ({run.wall_s:.1f} s), peak RSS {run.peak_rss_mb:,.0f} MB")
         return run
 
@@ -191,15 +233,24 @@ class Bench:
         return campaign, folder
 
 
-def check_sent(path: Path, n: int) -> None:
-    """Refuse a run whose sent-log does not say `sent` for exactly n recipients."""
+def check_sent(path: Path, n: int) -> float:
+    """Refuse a run whose sent-log does not say `sent` for exactly n recipients.
+
+    Return the rate between its first and its last `sent` line, in messages per second.
+    """
     try:
         with path.open(newline="", encoding="utf-8") as file:
-            sent = sum(row["status"] == "sent" for row in csv.DictReader(file))
+            times = [
+                datetime.fromisoformat(row["timestamp"]).timestamp()
+                for row in csv.DictReader(file)
+                if row["status"] == "sent"
+            ]
     except OSError as error:
         raise BenchError(f"job: cannot read the sent-log {path}: {error.strerror}") from None
-    if sent != n:
-        raise BenchError(f"job: the sent-log has {sent:,} sent lines instead of {n:,}: {path}")
+    if len(times) != n:
+        raise BenchError(f"job: the sent-log has {len(times):,} sent lines instead of {n:,}")
+    span_s = max(times) - min(times)
+    return (n - 1) / span_s if span_s > 0 else float("inf")
 
 
 @contextlib.contextmanager

@@ -53,6 +53,15 @@ The bench team
 You receive this letter because {{ name }} subscribed to it.
 """
 FIXED_TEMPLATE = PERSONAL_TEMPLATE.replace("{{ name }}", "reader")
+HTML_TEMPLATE = """\
+<html><body><p>Dear {{ name }},</p>
+<p>this is the monthly letter from the bench team, as HTML.</p>
+<p>We are planning a meetup this spring and would be glad to see you there, {{ name }}.</p>
+<p>Best regards,<br>The bench team</p></body></html>
+"""
+ATTACHMENT_BYTES = 50_000  # a one-page PDF's size
+PACED_SHARE = 0.5  # the rate-limited run asks for this share of the unlimited job's rate
+PACED_DURATION_S = 10.0  # and sends for about this long
 
 
 def job_timeout_s(n: int) -> float:
