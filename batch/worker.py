@@ -42,6 +42,9 @@ from batch.unsubscribe import Unsubscribe
 log = logging.getLogger(__name__)
 
 STOP = object()
+# A paced worker acks what it holds before a wait this long; shorter waits keep the outcomes
+# for the next group commit, which a flush before each message would defeat.
+FLUSH_BEFORE_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -249,7 +252,8 @@ class Worker:
         wait_s = self.throttle.reserve()
         if wait_s <= 0:
             return True
-        self._flush()  # ack what is settled rather than hold it through the wait
+        if wait_s >= FLUSH_BEFORE_WAIT_S:
+            self._flush()  # ack what is settled rather than hold it through a long wait
         return not self.leaving.wait(wait_s)
 
     def _send(self, sender: str, recipient: str, data: bytes) -> Attempt:
