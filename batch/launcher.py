@@ -57,8 +57,8 @@ examples:
   python -m batch.run --source list.csv --template welcome.txt --workers 8
   python -m batch.run --config config/massmail.toml --campaign nightly-2026-12-03
   python -m batch.run --source list.csv --template welcome.txt --dry-run
-  python -m batch.run --source list.csv --template welcome.txt --limit 500 --rate 300/min \
-      --suppress suppressed.txt --attach terms.pdf \
+  python -m batch.run --source list.csv --template welcome.txt --limit 500 --rate 300/min \\
+      --suppress suppressed.txt --attach terms.pdf \\
       --unsubscribe-url 'https://example.com/u?e={{ email | urlencode }}'
 """
 TICK_S = 0.5
