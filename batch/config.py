@@ -109,7 +109,7 @@ OPTIONS = (
     Option(
         "reconnect_for", _seconds, 120.0, "seconds to keep reconnecting a lost broker or relay"
     ),
-    Option("limit", _positive, None, "send to the first N pending recipients only"),
+    Option("limit", _positive, None, "mail the list's first N recipients; the rest wait"),
     Option("rate", _rate, None, "at most this many messages, all workers together: 300/min"),
     Option("max_per_connection", _positive, None, "messages per relay session before a new one"),
     Option("suppress", Path, None, "a CSV or text file of addresses never to mail"),
@@ -175,7 +175,7 @@ def parser(epilog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="a TOML file with any of these options")
     for option in OPTIONS:
-        default = "" if option.default is None else f" [{_shown(option.default)}]"
+        default = f" [{_shown(option.default)}]" if option.default not in (None, ()) else ""
         parser.add_argument(
             "--" + option.name.replace("_", "-"),
             metavar=option.name.upper(),

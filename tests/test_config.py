@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,27 @@ def test_the_documented_default_configuration_names_every_option_and_loads():
     for option in config.OPTIONS:
         assert f"{option.name} =" in text, f"{path} does not document {option.name}"
     assert settings.workers == 8
+
+
+def test_a_rate_is_read_per_second_minute_or_hour_and_a_bad_one_is_refused():
+    assert config.load([*REQUIRED, "--rate", "10/s"]).rate == 10
+    assert config.load([*REQUIRED, "--rate", "300/min"]).rate == 5
+    assert config.load([*REQUIRED, "--rate", "7200/h"]).rate == 2
+
+    for bad in ("300", "300/day", "-5/s", "fast/s"):
+        with pytest.raises(UsageError, match=rf"--rate: '{bad}': must be a number"):
+            config.load([*REQUIRED, f"--rate={bad}"])
+
+
+def test_attach_is_repeatable_from_flags_the_environment_and_the_file(tmp_path, monkeypatch):
+    file = tmp_path / "massmail.toml"
+    file.write_text('attach = ["a.pdf", "b.pdf"]\n')
+
+    from_file = config.load([*REQUIRED, "--config", str(file)])
+    monkeypatch.setenv("MASSMAIL_ATTACH", os.pathsep.join(["c.pdf", "d.pdf"]))
+    from_env = config.load([*REQUIRED, "--config", str(file)])
+    from_flags = config.load([*REQUIRED, "--attach", "e.pdf", "--attach", "f.pdf"])
+
+    assert from_file.attach == (Path("a.pdf"), Path("b.pdf"))
+    assert from_env.attach == (Path("c.pdf"), Path("d.pdf"))
+    assert from_flags.attach == (Path("e.pdf"), Path("f.pdf"))
