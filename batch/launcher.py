@@ -38,7 +38,7 @@ from batch.recipients import RecipientList
 from batch.sentlog import Outcome, SentLog, Status
 from batch.source import fingerprint, read_rows
 from batch.suppression import Suppressions
-from batch.throttle import paced_prefetch
+from batch.throttle import paced_prefetch, start_schedule
 from batch.worker import WorkerSettings
 
 log = logging.getLogger("batch")
@@ -258,6 +258,7 @@ class Launcher:
             heartbeat_s=s.amqp_heartbeat,
             reconnect_for_s=s.reconnect_for,
             rate_per_s=s.rate,
+            rate_schedule=start_schedule(sent_log.parent / "rate.schedule") if s.rate else None,
         )
 
     # During the run.

@@ -17,7 +17,6 @@ from typing import Any
 
 from batch.errors import ExitCode
 from batch.sentlog import SentLog, worker_name
-from batch.throttle import Throttle
 from batch.worker import WorkerSettings, main
 
 log = logging.getLogger(__name__)
@@ -36,9 +35,6 @@ class WorkerPool:
         self.stop_event = self.context.Event()
         # Nothing is ever written here: a worker sees end-of-file once the launcher is gone.
         self.lifeline, self._lifeline_end = self.context.Pipe(duplex=False)
-        self.throttle = (
-            Throttle.shared(self.context, settings.rate_per_s) if settings.rate_per_s else None
-        )
         self.processes: dict[int, Any] = {}
         self.started = 0
 
@@ -68,7 +64,7 @@ class WorkerPool:
         self.started += 1
         process = self.context.Process(
             target=main,
-            args=(self.settings, self.stop_event, self.lifeline, self.throttle),
+            args=(self.settings, self.stop_event, self.lifeline),
             name=f"worker-{self.started}",
         )
         process.start()

@@ -38,12 +38,7 @@ from pathlib import Path
 from typing import Protocol
 
 from batch.errors import BatchError
-
-try:
-    import fcntl
-except ImportError:  # Windows: fall back to a lock file beside the sent-log
-    fcntl = None  # type: ignore[assignment]
-    from filelock import FileLock
+from batch.locking import file_lock
 
 COLUMNS = (
     "timestamp",
@@ -137,7 +132,7 @@ class SentLog:
         if rebuild or not path.exists():
             self.torn_bytes = _create_or_repair(path)
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND)
-        self._file_lock = FileLock(f"{path}.lock") if fcntl is None else None
+        self._lock = file_lock(path, self._fd)
         self._index = _open_index(path.with_suffix(".index"))
         if rebuild:
             with self._locked():
@@ -250,7 +245,7 @@ class SentLog:
     # Inside the lock.
 
     def _locked(self) -> AbstractContextManager[object]:
-        return self._file_lock or _Flock(self._fd)
+        return self._lock
 
     def _known(self, recipients: list[str]) -> dict[str, str]:
         """Look up the latest status of each of these recipients the index knows."""
@@ -288,19 +283,6 @@ class SentLog:
                     for r, row in latest.items()
                 ),
             )
-
-
-class _Flock:
-    """An exclusive lock on an open file, for as long as the `with` block runs."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __enter__(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *_exc: object) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 def _open_index(path: Path) -> sqlite3.Connection:

@@ -2,45 +2,64 @@
 
 A relay account's limit counts the account's messages, not each connection's, so limits
 kept per process would multiply with the workers. The workers share one number instead:
-the time the next message may start. Each worker takes that slot under a lock, moves the
-number on by 1/rate, and waits for its slot. Slots never pile up while nobody sends (a
-slot in the past is moved to now), so no stretch of t seconds holds more than
-rate * t + 1 messages, whichever workers send them.
+the time the next message may start, kept in a small file of the campaign's folder. Each
+worker takes that slot under the file's lock, moves the number on by 1/rate, and waits
+for its slot. Slots never pile up while nobody sends (a slot in the past is moved to
+now), so no stretch of t seconds holds more than rate * t + 1 messages, whichever
+workers send them.
 
-The shared number lives in this host's memory: several hosts sending for one relay
-account each need their share of the rate (--rate divided by the hosts) until the
-limit is kept in the shared store.
+The lock is the operating system's file lock, which a killed worker cannot leave held.
+The number is on `time.monotonic()`'s clock, which all processes of a machine share and
+which restarts with the machine: the launcher starts the schedule afresh on every run.
+It holds on one host: several hosts sending through one relay account each need their
+share of the rate (--rate divided by the hosts) until the schedule lives in a shared store.
 """
 
 from __future__ import annotations
 
+import os
+import struct
 import time
-from typing import Any
+from pathlib import Path
 
+from batch.locking import file_lock
+
+SLOT = struct.Struct("d")  # the next slot, in time.monotonic() seconds
 # The broker takes back a delivery held unacknowledged for 30 minutes (RabbitMQ's default
 # consumer timeout); a paced worker holds no more than it can send in this much time.
 HELD_AHEAD_S = 300.0
 
 
+def start_schedule(path: Path) -> Path:
+    """Create or reset a run's schedule file: the first slot is now."""
+    path.write_bytes(SLOT.pack(0.0))
+    return path
+
+
 class Throttle:
-    """Hand out send slots 1/rate seconds apart, shared by processes."""
+    """Hand out send slots 1/rate seconds apart, shared through a schedule file."""
 
-    def __init__(self, rate_per_s: float, next_slot: Any) -> None:
+    def __init__(self, path: Path, rate_per_s: float) -> None:
         self.interval_s = 1.0 / rate_per_s
-        self._next_slot = next_slot  # a multiprocessing.Value("d"), on time.monotonic()'s clock
-
-    @classmethod
-    def shared(cls, context: Any, rate_per_s: float) -> Throttle:
-        """Make a throttle that worker processes started from `context` can share."""
-        return cls(rate_per_s, context.Value("d", 0.0))
+        self._fd = os.open(path, os.O_RDWR)
+        self._lock = file_lock(path, self._fd)
 
     def reserve(self) -> float:
         """Take the next slot; return the seconds to wait for it (0 if it is now)."""
-        with self._next_slot.get_lock():
+        with self._lock:
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            raw = os.read(self._fd, SLOT.size)
             now = time.monotonic()
-            slot = max(now, self._next_slot.value)
-            self._next_slot.value = slot + self.interval_s
+            slot = max(now, SLOT.unpack(raw)[0] if len(raw) == SLOT.size else now)
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            os.write(self._fd, SLOT.pack(slot + self.interval_s))
         return slot - now
+
+    def close(self) -> None:
+        """Close the schedule file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def paced_prefetch(prefetch: int, workers: int, rate_per_s: float | None) -> int:

@@ -69,18 +69,17 @@ class WorkerSettings:
     verbosity: int
     heartbeat_s: int
     reconnect_for_s: float  # how long to keep trying a lost broker or relay
-    rate_per_s: float | None = None  # all workers together; the pool shares the throttle
+    rate_per_s: float | None = None  # all workers together, through the schedule file
+    rate_schedule: Path | None = None
 
 
-def main(
-    settings: WorkerSettings, stop: Any, lifeline: Any, throttle: Throttle | None = None
-) -> None:
+def main(settings: WorkerSettings, stop: Any, lifeline: Any) -> None:
     """Run one worker until `stop` is set or `lifeline` closes; exit with an ExitCode."""
     setup_logging(settings.verbosity)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when to stop
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        code = Worker(settings, stop, lifeline, throttle).run()
+        code = Worker(settings, stop, lifeline).run()
     except BatchError as error:
         log.error("%s", error)
         code = error.exit_code
@@ -90,13 +89,13 @@ def main(
 class Worker:
     """One broker connection, one relay session, one sender thread."""
 
-    def __init__(
-        self, settings: WorkerSettings, stop: Any, lifeline: Any, throttle: Throttle | None
-    ) -> None:
+    def __init__(self, settings: WorkerSettings, stop: Any, lifeline: Any) -> None:
         self.settings = settings
         self.stop = stop
         self.lifeline = lifeline
-        self.throttle = throttle
+        self.throttle = None
+        if settings.rate_per_s and settings.rate_schedule:
+            self.throttle = Throttle(settings.rate_schedule, settings.rate_per_s)
         self.leaving = threading.Event()  # set once the main thread stops consuming
         self.exit_code = ExitCode.OK
         self.giving_up = False  # the broker stayed away longer than reconnect_for_s
@@ -139,6 +138,8 @@ class Worker:
         self.broker.close()
         self.mailer.close()
         self.ledger.close()
+        if self.throttle is not None:
+            self.throttle.close()
         return self.exit_code
 
     def _should_stop(self, sender: threading.Thread) -> bool:

@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -192,3 +193,18 @@ def received_counts(relay: RecordingRelay) -> Counter[str]:
     for message in relay.messages():
         counts.update(address.lower() for address in message.rcpt_tos)
     return counts
+
+
+def wait_for_a_claiming_worker(job, process, timeout_s: float = 60) -> int:
+    """Return the pid of a worker once it has claimed and sent a few recipients."""
+    deadline = time.monotonic() + timeout_s
+    path = job.folder / "sent-log.csv"
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the job ended before a worker could be killed"
+        if path.exists():
+            with path.open(newline="", encoding="utf-8") as file:
+                sent = [row for row in csv.DictReader(file) if row["status"] == "sent"]
+            if len(sent) >= 5:
+                return int(sent[-1]["worker"].rpartition(":")[2])
+        time.sleep(0.05)
+    raise AssertionError("no worker sent anything in time")

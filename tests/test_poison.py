@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pika
 
 from batch.broker import Broker
-from tests.conftest import ROOT, RUN_TIMEOUT_S, people, received_counts, write_csv, write_template
+from tests.conftest import (
+    ROOT,
+    RUN_TIMEOUT_S,
+    people,
+    received_counts,
+    wait_for_a_claiming_worker,
+    write_csv,
+    write_template,
+)
 
 
 def publish_raw(job, bodies: list[bytes]) -> None:
@@ -88,21 +94,6 @@ def test_a_worker_killed_while_sending_is_replaced_and_only_its_own_message_is_i
     assert all(statuses[r["email"]] in ("sent", "in-doubt") for r in rows)
     assert all(counts[a] == 1 for a, s in statuses.items() if s == "sent")
     assert all(f"worker {victim} " in row["smtp_reply"] for row in lines_of(slow_job, in_doubt))
-
-
-def wait_for_a_claiming_worker(job, process, timeout_s: float = 60) -> int:
-    """Return the pid of a worker once it has claimed and sent a few recipients."""
-    deadline = time.monotonic() + timeout_s
-    path = job.folder / "sent-log.csv"
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the job ended before a worker could be killed"
-        if path.exists():
-            with path.open(newline="", encoding="utf-8") as file:
-                sent = [row for row in csv.DictReader(file) if row["status"] == "sent"]
-            if len(sent) >= 5:
-                return int(sent[-1]["worker"].rpartition(":")[2])
-        time.sleep(0.05)
-    raise AssertionError("no worker sent anything in time")
 
 
 def lines_of(job, recipients: list[str]) -> list[dict[str, str]]:

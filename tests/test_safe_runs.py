@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from batch.report import main as report_main
-from tests.conftest import delete_queues, people, received_counts, write_csv, write_template
+from tests.conftest import (
+    ROOT,
+    RUN_TIMEOUT_S,
+    delete_queues,
+    people,
+    received_counts,
+    wait_for_a_claiming_worker,
+    write_csv,
+    write_template,
+)
 
 
 def list_and_template(tmp_path: Path, count: int):
@@ -157,3 +170,35 @@ def test_an_unreadable_suppression_list_stops_the_run_before_anything_is_sent(jo
     assert result.returncode == 2
     assert str(missing) in result.stderr
     assert job.relay.count() == 0
+
+
+def test_a_paced_run_goes_on_at_its_rate_after_a_worker_is_killed(job, tmp_path):
+    rows, source, template = list_and_template(tmp_path, 120)
+    log_path = tmp_path / "job.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "batch.run",
+                *job.args(source, template, "--workers", "3", "--rate", "40/s"),
+            ],
+            cwd=ROOT, stdout=log, stderr=log, start_new_session=True,
+        )  # fmt: skip
+    try:
+        victim = wait_for_a_claiming_worker(job, process)
+        os.kill(victim, signal.SIGKILL)
+        code = process.wait(RUN_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+    output = log_path.read_text()
+    assert code in (0, 1), output[-3000:]
+    assert "stopped with code" in output  # the worker was killed, and replaced
+    counts = received_counts(job.relay)
+    statuses = job.final_statuses()
+    assert all(counts[r["email"]] <= 1 for r in rows)
+    assert all(statuses[r["email"]] in ("sent", "in-doubt") for r in rows)
+    assert sum(s == "in-doubt" for s in statuses.values()) <= 1
+    times = sorted(m.received_at for m in job.relay.messages())
+    busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert busiest <= 40 * 1.1 + 1, f"{busiest} messages in one second against 40/s asked"
