@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,3 +211,30 @@ def wait_for_a_claiming_worker(job, process, timeout_s: float = 60) -> int:
                 return int(sent[-1]["worker"].rpartition(":")[2])
         time.sleep(0.05)
     raise AssertionError("no worker sent anything in time")
+
+
+@contextlib.contextmanager
+def batch_in_background(args: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """Start `python -m batch.run` in its own process group; kill the group if still running."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "batch.run", *args],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def kill_a_worker_midway(job, args: list[str], log_path: Path) -> tuple[int, int]:
+    """Run the job, kill -9 one worker once it has sent a few; return (exit code, its pid)."""
+    with batch_in_background(args, log_path) as process:
+        victim = wait_for_a_claiming_worker(job, process)
+        os.kill(victim, signal.SIGKILL)
+        return process.wait(RUN_TIMEOUT_S), victim

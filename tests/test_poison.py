@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pika
 
 from batch.broker import Broker
 from tests.conftest import (
-    ROOT,
-    RUN_TIMEOUT_S,
+    kill_a_worker_midway,
     people,
     received_counts,
-    wait_for_a_claiming_worker,
     write_csv,
     write_template,
 )
@@ -62,26 +56,9 @@ def test_a_worker_killed_while_sending_is_replaced_and_only_its_own_message_is_i
     source = write_csv(tmp_path / "list.csv", rows)
     template = write_template(tmp_path / "template.txt")
     log_path = tmp_path / "run.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "batch.run",
-                *slow_job.args(source, template, "--workers", "2"),
-            ],
-            cwd=ROOT,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-    try:
-        victim = wait_for_a_claiming_worker(slow_job, process)
-        os.kill(victim, signal.SIGKILL)
-        code = process.wait(RUN_TIMEOUT_S)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    args = slow_job.args(source, template, "--workers", "2")
+
+    code, victim = kill_a_worker_midway(slow_job, args, log_path)
 
     output = log_path.read_text()
     assert code in (0, 1), output[-3000:]

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from batch.sentlog import Outcome, SentLog, Status, read_rows
-from tests.conftest import ROOT, RUN_TIMEOUT_S, people, write_csv, write_template
+from tests.conftest import (
+    ROOT,
+    RUN_TIMEOUT_S,
+    batch_in_background,
+    people,
+    write_csv,
+    write_template,
+)
 
 REPORT_TIMEOUT_S = 60
 EXPORT_COLUMNS = [
@@ -145,23 +152,12 @@ def test_a_report_taken_while_the_job_runs_shows_part_sent_and_well_formed_rows(
 ):
     source = write_csv(tmp_path / "list.csv", people(300))
     template = write_template(tmp_path / "template.txt")
-    log = (tmp_path / "run.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "batch.run", *slow_job.args(source, template, "--workers", "2")],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+    args = slow_job.args(source, template, "--workers", "2")
+    with batch_in_background(args, tmp_path / "run.log") as process:
         wait_for_sent_lines(slow_job.folder / "sent-log.csv", 30, process)
         export = tmp_path / "midway.csv"
         midway = report(str(slow_job.folder), "--csv", str(export))
         assert process.wait(timeout=RUN_TIMEOUT_S) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
 
     assert midway.returncode == 0, midway.stderr
     counts = counts_in(midway.stdout)

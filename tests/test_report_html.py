@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +11,13 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.conftest import ROOT, RUN_TIMEOUT_S, people, write_csv, write_template
+from tests.conftest import (
+    RUN_TIMEOUT_S,
+    batch_in_background,
+    people,
+    write_csv,
+    write_template,
+)
 from tests.test_report import counts_in, report, wait_for_sent_lines
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -249,22 +254,11 @@ def test_the_page_of_a_running_campaign_shows_the_recipients_still_queued(
 ):
     source = write_csv(tmp_path / "list.csv", people(300))
     template = write_template(tmp_path / "template.txt")
-    log = (tmp_path / "run.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "batch.run", *slow_job.args(source, template, "--workers", "2")],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+    args = slow_job.args(source, template, "--workers", "2")
+    with batch_in_background(args, tmp_path / "run.log") as process:
         wait_for_sent_lines(slow_job.folder / "sent-log.csv", 30, process)
         midway = html_report(slow_job.folder, tmp_path / "midway.html")
         assert process.wait(timeout=RUN_TIMEOUT_S) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
 
     opened = Opened(browser, tmp_path / "midway.html")
     shown = {name: int(number) for name, number in opened.counts().items() if number.isdigit()}

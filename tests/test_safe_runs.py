@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 from batch.report import main as report_main
 from tests.conftest import (
-    ROOT,
-    RUN_TIMEOUT_S,
     delete_queues,
+    kill_a_worker_midway,
     people,
     received_counts,
-    wait_for_a_claiming_worker,
     write_csv,
     write_template,
 )
@@ -175,21 +169,9 @@ def test_an_unreadable_suppression_list_stops_the_run_before_anything_is_sent(jo
 def test_a_paced_run_goes_on_at_its_rate_after_a_worker_is_killed(job, tmp_path):
     rows, source, template = list_and_template(tmp_path, 120)
     log_path = tmp_path / "job.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable, "-m", "batch.run",
-                *job.args(source, template, "--workers", "3", "--rate", "40/s"),
-            ],
-            cwd=ROOT, stdout=log, stderr=log, start_new_session=True,
-        )  # fmt: skip
-    try:
-        victim = wait_for_a_claiming_worker(job, process)
-        os.kill(victim, signal.SIGKILL)
-        code = process.wait(RUN_TIMEOUT_S)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    args = job.args(source, template, "--workers", "3", "--rate", "40/s")
+
+    code, _ = kill_a_worker_midway(job, args, log_path)
 
     output = log_path.read_text()
     assert code in (0, 1), output[-3000:]
