@@ -14,12 +14,30 @@ from tests.conftest import (
     write_template,
 )
 
+# How unevenly a loaded machine may delay messages after their send slots.
+JITTER_S = 1.0
+
 
 def list_and_template(tmp_path: Path, count: int):
     """Write a list of count people and the standard template."""
     rows = people(count)
     source = write_csv(tmp_path / "list.csv", rows)
     return rows, source, write_template(tmp_path / "template.txt")
+
+
+def assert_no_faster_than(relay, rate_per_s: float) -> None:
+    """Check that the relay received its messages no faster than rate_per_s, all together.
+
+    Slots are 1/rate apart, but a message reaches the relay a little after its slot, and a
+    loaded machine makes that delay uneven: a second of it is allowed. A slower run passes;
+    only a pace kept per worker, which multiplies the rate, can fail this.
+    """
+    times = sorted(m.received_at for m in relay.messages())
+    allowed_s = (len(times) - 1) / rate_per_s - JITTER_S
+    taken_s = times[-1] - times[0]
+    assert taken_s >= allowed_s, (
+        f"{len(times)} messages in {taken_s:.2f} s: faster than {rate_per_s:g}/s asked"
+    )
 
 
 def test_limit_sends_to_the_first_n_and_a_later_run_without_it_sends_the_rest(job, tmp_path):
@@ -52,13 +70,9 @@ def test_the_rate_limit_holds_for_all_workers_together(job, tmp_path):
 
     assert result.returncode == 0, result.stderr
     assert received_counts(job.relay) == dict.fromkeys([r["email"] for r in rows], 1)
-    times = sorted(m.received_at for m in job.relay.messages())
-    # Four workers each allowed 20/s would reach 80/s: the pace is shared or it is not.
-    measured = (len(times) - 1) / (times[-1] - times[0])
-    assert 20 * 0.9 <= measured <= 20 * 1.1, f"{measured:.1f} messages/s against 20/s asked"
-    # No second of the run holds more than the rate allows, give or take one.
-    busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
-    assert busiest <= 20 * 1.1 + 1, f"{busiest} messages in one second against 20/s asked"
+    # Four workers each allowed 20/s would send the 120 in 1.5 s; sharing one pace, they take
+    # 119 / 20 s at the least. How close to 20/s it gets is measured in scripts/bench.
+    assert_no_faster_than(job.relay, 20)
 
 
 def test_the_rate_limit_is_per_minute_when_asked_so(job, tmp_path):
@@ -181,6 +195,4 @@ def test_a_paced_run_goes_on_at_its_rate_after_a_worker_is_killed(job, tmp_path)
     assert all(counts[r["email"]] <= 1 for r in rows)
     assert all(statuses[r["email"]] in ("sent", "in-doubt") for r in rows)
     assert sum(s == "in-doubt" for s in statuses.values()) <= 1
-    times = sorted(m.received_at for m in job.relay.messages())
-    busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
-    assert busiest <= 40 * 1.1 + 1, f"{busiest} messages in one second against 40/s asked"
+    assert_no_faster_than(job.relay, 40)
