@@ -78,6 +78,8 @@ class Mailer:
         self.settings = settings
         self._client: yagmail.SMTP | None = None
         self._in_session = 0  # transactions begun in the current session
+        # Whether the last transaction's final "." went out: from then on, in doubt.
+        self.past_data_end = False
         if settings.tls != "none" and not settings.verify_tls:
             log.warning(
                 "relay %s: TLS certificate verification is off (--smtp-verify false): "
@@ -119,6 +121,7 @@ class Mailer:
 
     def send(self, sender: str, recipient: str, message: bytes) -> Attempt:
         """Run one MAIL/RCPT/DATA transaction and say how it ended."""
+        self.past_data_end = False
         cap = self.settings.max_per_session
         if cap is not None and self._in_session >= cap:
             self.close()  # a relay that caps its sessions refuses the one past the cap
@@ -132,6 +135,7 @@ class Mailer:
             if refusal is not None:
                 return refusal
             smtp.send(_dot_stuffed(message))
+            self.past_data_end = True
         except (OSError, smtplib.SMTPServerDisconnected) as error:
             self._drop()
             reason = f"connection lost before the end of DATA: {_describe(error)}"
@@ -157,37 +161,16 @@ class Mailer:
         """
         smtp.ehlo_or_helo_if_needed()
         sender, recipient = envelope_form(sender), envelope_form(recipient)
-        options = ""
-        if not message.isascii() and smtp.has_extn("8bitmime"):
-            options += " BODY=8BITMIME"
-        smtp.command_encoding = "ascii"
-        if not (sender + recipient).isascii():
-            if not smtp.has_extn("smtputf8"):
-                reason = (
-                    "not sent: the address has non-ASCII letters before the @ and the relay "
-                    f"{self.settings.describe()} does not announce SMTPUTF8 (RFC 6531)"
-                )
-                return Attempt(Result.REFUSED_FOR_GOOD, None, reason)
-            options += " SMTPUTF8"
-            smtp.command_encoding = "utf-8"
+        options = self._mail_options(smtp, sender + recipient, message)
+        if isinstance(options, Attempt):
+            return options
         commands = (
             (f"MAIL FROM:<{sender}>{options}", (250,)),
             (f"RCPT TO:<{recipient}>", (250, 251)),
             ("DATA", (354,)),
         )
 
-        # A relay that announces PIPELINING takes the three commands in one write.
-        replies = []
-        if smtp.has_extn("pipelining"):
-            smtp.send("".join(f"{command}\r\n" for command, _ in commands))
-            replies = [smtp.getreply() for _ in commands]
-        else:
-            for command, accepted in commands:
-                smtp.putcmd(command)
-                replies.append(smtp.getreply())
-                if replies[-1][0] not in accepted:
-                    break
-
+        replies = _exchange(smtp, commands)
         for (_, accepted), (code, reply) in zip(commands, replies, strict=False):
             if code not in accepted:
                 if len(replies) == len(commands) and replies[-1][0] == 354:
@@ -196,6 +179,23 @@ class Mailer:
                 self._reset()
                 return self._verdict(code, reply, accepted=())
         return None
+
+    def _mail_options(self, smtp: smtplib.SMTP, addresses: str, message: bytes) -> str | Attempt:
+        """Choose MAIL FROM's options and the commands' encoding, or refuse the transaction."""
+        options = ""
+        if not message.isascii() and smtp.has_extn("8bitmime"):
+            options += " BODY=8BITMIME"
+        smtp.command_encoding = "ascii"
+        if addresses.isascii():
+            return options
+        if not smtp.has_extn("smtputf8"):
+            reason = (
+                "not sent: the address has non-ASCII letters before the @ and the relay "
+                f"{self.settings.describe()} does not announce SMTPUTF8 (RFC 6531)"
+            )
+            return Attempt(Result.REFUSED_FOR_GOOD, None, reason)
+        smtp.command_encoding = "utf-8"
+        return options + " SMTPUTF8"
 
     def _verdict(self, code: int, reply: bytes, accepted: tuple[int, ...]) -> Attempt:
         """Classify the relay's answer to one command."""
@@ -248,6 +248,25 @@ def _yagmail_client(settings: RelaySettings) -> yagmail.SMTP:
         soft_email_validation=False,
         **options,
     )
+
+
+def _exchange(
+    smtp: smtplib.SMTP, commands: tuple[tuple[str, tuple[int, ...]], ...]
+) -> list[tuple[int, bytes]]:
+    """Send the commands and collect their replies, stopping at the first refusal.
+
+    A relay that announces PIPELINING takes them in one write and answers each one.
+    """
+    if smtp.has_extn("pipelining"):
+        smtp.send("".join(f"{command}\r\n" for command, _ in commands))
+        return [smtp.getreply() for _ in commands]
+    replies = []
+    for command, accepted in commands:
+        smtp.putcmd(command)
+        replies.append(smtp.getreply())
+        if replies[-1][0] not in accepted:
+            break
+    return replies
 
 
 def _dot_stuffed(message: bytes) -> bytes:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.broker import Broker, Delivery, decode
-from batch.errors import BatchError, ExitCode, TemplateError, Unavailable
+from batch.errors import BatchError, ExitCode, TemplateError, Unavailable, UsageError
 from batch.logs import setup_logging
 from batch.mailer import Attempt, Mailer, RelaySettings, Result
 from batch.message import Composer, HtmlTemplate, MessageParts, Template
@@ -101,7 +101,7 @@ class Worker:
         self.giving_up = False  # the broker stayed away longer than reconnect_for_s
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.done: list[Delivery] = []
-        self.sending: tuple[str, str, bool] | None = None  # recipient, Message-ID, DATA begun
+        self.sending: tuple[str, str, bool] | None = None  # recipient, Message-ID, mailer called
         self.ledger: Ledger = SentLog(
             Path(settings.sent_log), settings.campaign, resend_in_doubt=settings.resend_in_doubt
         )
@@ -202,9 +202,10 @@ class Worker:
             if self.sending is None:
                 self._set_aside(delivery)
                 return
-            # Claimed: whether DATA went out decides between failed and in doubt.
-            recipient, message_id, data_started = self.sending
-            status = Status.IN_DOUBT if data_started else Status.FAILED
+            # Claimed: whether the final "." went out decides between failed and in doubt.
+            recipient, message_id, mailer_called = self.sending
+            in_doubt = mailer_called and self.mailer.past_data_end
+            status = Status.IN_DOUBT if in_doubt else Status.FAILED
             reply = f"the worker could not handle this message: {error!r}"
             self.ledger.record(recipient, message_id, Outcome(status, None, reply))
             self.done.append(delivery)
@@ -264,7 +265,10 @@ class Worker:
         while True:
             try:
                 attempt = self.mailer.send(sender, recipient, data)
-            except Unavailable as error:
+            except (Unavailable, UsageError) as error:
+                # The launcher logged in before the run began, so a login or certificate
+                # refused now is the relay's passing state (a limit on logins, a password
+                # changed mid-run): nothing was sent, and it is waited out like an outage.
                 attempt = Attempt(Result.NOT_REACHED, None, str(error))
             if attempt.result is not Result.NOT_REACHED:
                 return attempt

@@ -82,8 +82,8 @@ class RecordingRelay:
 
     Like a real relay, it can also be stricter: smtputf8 announces SMTPUTF8 (RFC 6531);
     login=(user, password) refuses mail until AUTH with exactly these (over plain text, for
-    the tests); tls_context offers STARTTLS with that server context, ssl_context speaks
-    TLS from the first byte.
+    the tests; changing `login` while running refuses the next logins); tls_context offers
+    STARTTLS with that server context, ssl_context speaks TLS from the first byte.
     """
 
     def __init__(
@@ -110,13 +110,14 @@ class RecordingRelay:
         self.drop_after_data: DropRule = drop_after_data
         self.data_delay_s: DelayRule = data_delay_s
         self.on_accept = on_accept
+        self.login = login
         self._ssl_context = ssl_context
         self._smtp_options: dict[str, object] = {"enable_SMTPUTF8": smtputf8}
         if tls_context is not None:
             self._smtp_options["tls_context"] = tls_context
         if login is not None:
             self._smtp_options.update(
-                auth_required=True, auth_require_tls=False, authenticator=_Authenticator(login)
+                auth_required=True, auth_require_tls=False, authenticator=_Authenticator(self)
             )
 
         self._lock = threading.Lock()
@@ -244,15 +245,15 @@ class _Controller(Controller):
 
 
 class _Authenticator:
-    """Accept AUTH with one user and password only."""
+    """Accept AUTH with the relay's current user and password only."""
 
-    def __init__(self, login: tuple[str, str]) -> None:
-        self.login = login
+    def __init__(self, relay: RecordingRelay) -> None:
+        self.relay = relay
 
     def __call__(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
         given = (auth_data.login.decode(), auth_data.password.decode())
         # handled=False: aiosmtpd answers a failure with 535 itself.
-        return AuthResult(success=given == self.login, handled=False)
+        return AuthResult(success=given == self.relay.login, handled=False)
 
 
 class _Handler:

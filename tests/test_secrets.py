@@ -105,6 +105,40 @@ def test_a_wrong_relay_password_stops_the_run_with_2_naming_host_and_user_only(
     assert login_job.relay.count() == 0
 
 
+def test_a_login_refused_mid_run_leaves_its_recipients_unsent_and_a_rerun_sends_them(
+    login_job, tmp_path, relay_password
+):
+    rows = people(12)
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+    relay = login_job.relay
+
+    def change_password_after_three(_message) -> None:
+        if relay.count() >= 3:
+            relay.login = (RELAY_USER, f"changed-{uuid.uuid4().hex}")
+
+    relay.on_accept = change_password_after_three
+    args = login_job.args(
+        source, template, "--smtp-user", RELAY_USER, "--workers", "1",
+        "--max-per-connection", "3", "--reconnect-for", "2",
+    )  # fmt: skip
+    first = run_batch(args, env=with_password(relay_password))
+
+    # The next session's login is refused: nothing was sent on it, so nobody is in doubt.
+    assert first.returncode == 75, first.stderr
+    assert relay.count() == 3
+    assert relay_password not in first.stderr
+    assert [row for row in login_job.sent_log() if row["status"] == "in-doubt"] == []
+
+    relay.on_accept = None
+    relay.login = (RELAY_USER, relay_password)
+    rerun = run_batch(args, env=with_password(relay_password))
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert received_counts(relay) == dict.fromkeys([r["email"] for r in rows], 1)
+    assert set(login_job.final_statuses().values()) == {"sent"}
+
+
 def test_an_unreachable_broker_is_named_without_its_password(job, tmp_path):
     source = write_csv(tmp_path / "list.csv", people(2))
     template = write_template(tmp_path / "template.txt")
