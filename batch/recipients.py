@@ -1,7 +1,9 @@
 """Turn the rows of a recipient list into distinct, valid addresses, keeping what was refused.
 
-Nothing here knows about the broker. An address is compared in its normalised form, so
-Ann@Example.com and ann@example.com are one recipient, mailed once, under the first row.
+Nothing here knows about the broker. Addresses are compared in one form, lower-cased and
+with an internationalised domain in ASCII, so Ann@Example.com and ann@example.com, or
+ann@bücher.example and ann@xn--bcher-kva.example, are one recipient, mailed once, under
+the address and row where it first appears.
 """
 
 import hashlib
@@ -107,7 +109,8 @@ class RecipientList:
         reason = _fault(value, allow_smtputf8=self._allow_smtputf8)
         if reason is None:
             address = normalise(value)
-            key = int.from_bytes(hashlib.blake2b(address.encode(), digest_size=16).digest())
+            compared = compared_form(address).encode()
+            key = int.from_bytes(hashlib.blake2b(compared, digest_size=16).digest())
             first_row = self._first_rows.get(key)
             if first_row is None:
                 self._first_rows[key] = row.number
@@ -119,8 +122,13 @@ class RecipientList:
 
 
 def normalise(address: str) -> str:
-    """Return the form an address is compared and mailed in: stripped and lower-cased."""
+    """Return the form an address is mailed and logged in: stripped and lower-cased."""
     return address.strip().lower()
+
+
+def compared_form(address: str) -> str:
+    """Return the form in which two addresses of one mailbox are equal."""
+    return envelope_form(normalise(address))
 
 
 def envelope_form(address: str) -> str:

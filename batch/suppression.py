@@ -23,7 +23,7 @@ from email.utils import parseaddr
 from pathlib import Path
 
 from batch.errors import SourceError
-from batch.recipients import envelope_form, normalise
+from batch.recipients import compared_form
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,6 @@ ADDRESS_COLUMN = "email"
 ENHANCED_STATUS = re.compile(r"\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")
 ADDRESS_REFUSALS = ("5.1.", "5.2.1")
 ADDRESS_REFUSAL_CODES = ("550", "551", "553")
-
-
-def key(address: str) -> str:
-    """Return the form an address is looked up in."""
-    return envelope_form(normalise(address))
 
 
 def address_refused(smtp_code: str, smtp_reply: str) -> bool:
@@ -51,10 +46,10 @@ class Suppressions:
 
     def __init__(self, path: Path, addresses: Iterable[str] = ()) -> None:
         self.path = path
-        self._keys = {key(address) for address in addresses}
+        self._keys = {compared_form(address) for address in addresses}
 
     def __contains__(self, address: str) -> bool:
-        return key(address) in self._keys
+        return compared_form(address) in self._keys
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -107,7 +102,7 @@ def add(path: Path, addresses: Iterable[str]) -> int:
     """Append the addresses the file does not hold yet, durably; return how many."""
     text = path.read_text(encoding="utf-8-sig") if path.exists() else ""
     known = Suppressions(path, _addresses(path, text.splitlines()))
-    new = sorted({key(a) for a in addresses if a not in known})
+    new = sorted({compared_form(a) for a in addresses if a not in known})
     if not new:
         return 0
 

@@ -50,6 +50,21 @@ def test_a_second_occurrence_is_rejected_as_a_duplicate_of_the_first_row():
     ]
 
 
+def test_one_mailbox_written_with_its_domain_in_unicode_and_in_ascii_is_one_recipient():
+    recipients = RecipientList(
+        rows("ann@bücher.example", "Ann@XN--BCHER-KVA.example", "bob@bücher.example"),
+        source="list.csv",
+    )
+
+    addresses = [recipient.address for recipient in recipients]
+
+    # Both forms reach RCPT TO:<ann@xn--bcher-kva.example>: one message, not two.
+    assert addresses == ["ann@bücher.example", "bob@bücher.example"]
+    assert recipients.rejections == [
+        Rejection(3, "Ann@XN--BCHER-KVA.example", "duplicate of row 2"),
+    ]
+
+
 @pytest.mark.parametrize("value", ["", "   ", "\t"])
 def test_an_empty_cell_is_rejected_as_an_empty_address(value):
     assert rejections(value) == [Rejection(2, value, "empty address")]
