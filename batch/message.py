@@ -8,7 +8,8 @@ once; per recipient only the rendered headers and bodies, `To`, `Date` and `Mess
 are stamped.
 
 Header values are rendered, then any line break in them becomes a space, so no column
-value can add a header or a recipient.
+value can add a header or a recipient. In From, Reply-To and Sender only the display names
+are encoded, never the addresses, so that a mail program can still read them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.header import Header
-from email.utils import formataddr, formatdate, parseaddr
+from email.utils import formataddr, formatdate, getaddresses, unquote
 from pathlib import Path
 
 import jinja2
@@ -39,7 +40,9 @@ from batch.unsubscribe import Unsubscribe
 
 FORBIDDEN_HEADERS = frozenset({"to", "cc", "bcc", "message-id", "date", "mime-version"})
 CONTENT_HEADERS = frozenset({"content-type", "content-transfer-encoding"})
+ADDRESS_HEADERS = frozenset({"from", "reply-to", "sender"})
 PLAIN_ADDRESS = re.compile(r"[^\s<>()\[\],;:\"@]+@[^\s<>()\[\],;:\"@]+")
+MAX_ADDRESS_CHARS = 254  # RFC 5321's longest path, less its angle brackets
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,14 +88,15 @@ class Template:
         for field, template in self.headers:
             if field.lower() == "from":
                 try:
-                    _, address = parseaddr(template.render())
+                    value = template.render()
                 except jinja2.UndefinedError:
                     raise TemplateError(
                         f"{self.name}: the From address must not use list columns"
                     ) from None
-                if not PLAIN_ADDRESS.fullmatch(address):
-                    raise TemplateError(f"{self.name}: From has no usable address: {address!r}")
-                return address
+                mailboxes = _mailboxes(value)
+                if len(mailboxes) != 1:
+                    raise TemplateError(f"{self.name}: From needs one usable address: {value!r}")
+                return mailboxes[0][1]
         raise TemplateError(f"{self.name}: the template has no From: header")
 
     def check_columns(self, columns: set[str], source: str) -> None:
@@ -338,14 +342,14 @@ def _header(name: str, value: str) -> str:
 
     A value that is not plain ASCII, looks like an encoded word already ("=?"), or holds a
     word too long to fold within 998 bytes goes out as RFC 2047 encoded words, which a mail
-    program shows exactly as the column held it.
+    program shows exactly as the column held it. In an address header only names are.
     """
     value = " ".join(CONTROL_CHARACTERS.sub(" ", value).split())
-    if name.lower() in {"from", "reply-to", "to", "sender"}:
-        display, address = parseaddr(value)
-        address = envelope_form(address)
-        if "@" in address and address.isascii():
-            value = formataddr((display, address), charset="utf-8")
+    mailboxes = _mailboxes(value) if name.lower() in ADDRESS_HEADERS else []
+    if mailboxes:
+        written = [_mailbox(name, display, address) for display, address in mailboxes]
+        return f"{name}: " + ",\r\n ".join(written)
+
     plain = value.isascii() and "=?" not in value
     if plain and len(name) + len(value) < 76:
         return f"{name}: {value}"
@@ -355,3 +359,43 @@ def _header(name: str, value: str) -> str:
             return f"{name}: {folded}"
     encoded = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
     return f"{name}: {encoded}"
+
+
+def _mailboxes(value: str) -> list[tuple[str, str]]:
+    """Read an address header's (display name, address) pairs; none if it holds no address.
+
+    getaddresses splits "Smith, John <j@x.example>" at its unquoted comma, though whoever
+    typed it meant one mailbox: when the parts are not all addresses, a value ending in one
+    <address> is that mailbox, with all before the "<" as its display name.
+    """
+    pairs = getaddresses([value])
+    if pairs and all(_usable(address) for _, address in pairs):
+        return pairs
+    display, bracket, address = value.partition("<")
+    if bracket and address.endswith(">") and _usable(address[:-1]):
+        return [(unquote(display.strip()), address[:-1])]
+    return []
+
+
+def _usable(address: str) -> bool:
+    """Tell whether an address can go into a header as it is: one plain addr-spec."""
+    return len(address) <= MAX_ADDRESS_CHARS and PLAIN_ADDRESS.fullmatch(address) is not None
+
+
+def _mailbox(name: str, display: str, address: str) -> str:
+    """Write one mailbox of an address header, its display name encoded once at most.
+
+    A name that is not ASCII, looks like an encoded word or is too long for a line goes as
+    RFC 2047 words, which Header keeps within 75 characters each (formataddr would write one
+    word of any length). The address is never encoded: an IDN domain goes in ASCII, a local
+    part with non-ASCII letters in UTF-8, the only form it has (RFC 6532).
+    """
+    address = envelope_form(address)
+    if not display:
+        return address
+    if display.isascii() and "=?" not in display and address.isascii():
+        mailbox = formataddr((display, address))  # quoted where the name needs it
+        if len(mailbox) <= MAX_LINE_BYTES - len(name) - 2:
+            return mailbox
+    encoded = Header(display, "utf-8").encode(linesep="\r\n")
+    return f"{encoded} <{address}>"

@@ -6,6 +6,7 @@ import email
 import email.policy
 import os
 import re
+from email.utils import parsedate_to_datetime
 from urllib.parse import quote
 
 from tests.conftest import people, write_csv, write_template
@@ -21,6 +22,8 @@ HTML = "<p>Dear {{ name }},</p>\n<p>this is the HTML part.</p>\n"
 HOSTILE_NAME = 'Zoë <script>alert("x")</script>'
 URL = "https://example.com/unsubscribe?list=news&e={{ email | urlencode }}"
 MAILTO = "leave@example.com?subject=unsubscribe"
+# One or more URIs in angle brackets, separated by commas (RFC 2369).
+LIST_UNSUBSCRIBE = re.compile(r"<[^<>\s]+>(\s*,\s*<[^<>\s]+>)*")
 
 
 def parsed(content: bytes) -> email.message.EmailMessage:
@@ -39,6 +42,13 @@ def links(message) -> list[str]:
     return re.findall(r"<([^<>]*)>", str(message["List-Unsubscribe"]))
 
 
+def raw_header(content: bytes, name: str) -> bytes:
+    """The bytes of one header as they came over the wire, folds included."""
+    head = content.partition(b"\r\n\r\n")[0]
+    pattern = rb"(?:^|\r\n)" + re.escape(name.encode()) + rb": (.*?)(?=\r\n(?![ \t])|$)"
+    return re.search(pattern, head, re.S).group(1)
+
+
 def assert_refused_and_nothing_sent(job, result, *parts: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -46,6 +56,83 @@ def assert_refused_and_nothing_sent(job, result, *parts: str) -> None:
         assert part in result.stderr
     assert job.relay.count() == 0
     assert not job.folder.exists()
+
+
+# Headers, as a mail program reads them.
+
+
+def test_a_from_name_outside_ascii_shows_intact_and_goes_as_an_ascii_encoded_word(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(1))
+    template = write_template(
+        tmp_path / "template.txt", "From: Jörg Müller <news@example.com>\nSubject: Hi\n\nHi.\n"
+    )
+
+    result = job.run(source, template)
+
+    assert result.returncode == 0, result.stderr
+    [accepted] = job.relay.messages()
+    assert accepted.mail_from == "news@example.com"
+    [sender] = parsed(accepted.content)["From"].addresses
+    assert (sender.display_name, sender.addr_spec) == ("Jörg Müller", "news@example.com")
+    # The relay does not announce SMTPUTF8, so the header must be ASCII (RFC 2047).
+    raw = raw_header(accepted.content, "From")
+    assert raw.isascii(), raw
+    assert re.search(rb"=\?utf-8\?[bq]\?[^?\s]+\?=", raw, re.I), raw
+    assert raw.endswith(b" <news@example.com>"), raw
+
+
+def test_a_reply_to_column_with_a_comma_in_its_display_name_is_one_address(job, tmp_path):
+    rows = [{"email": "ann@example.com", "reply_to": "Smith, John <j@x.example>"}]
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(
+        tmp_path / "template.txt",
+        "From: Test Sender <sender@example.com>\nReply-To: {{ reply_to }}\nSubject: Hi\n\nHi.\n",
+    )
+
+    result = job.run(source, template)
+
+    assert result.returncode == 0, result.stderr
+    [accepted] = job.relay.messages()
+    [reply_to] = parsed(accepted.content)["Reply-To"].addresses
+    assert (reply_to.display_name, reply_to.addr_spec) == ("Smith, John", "j@x.example")
+
+
+def test_each_message_has_one_date_that_a_mail_program_reads_with_its_time_zone(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(2))
+    template = write_templates(tmp_path, html=None)
+
+    result = job.run(source, template)
+
+    assert result.returncode == 0, result.stderr
+    assert job.relay.count() == 2
+    for accepted in job.relay.messages():
+        [date] = parsed(accepted.content).get_all("Date")
+        assert parsedate_to_datetime(str(date)).tzinfo is not None
+
+
+def test_list_unsubscribe_is_one_header_of_uris_in_angle_brackets_filled_per_recipient(
+    job, tmp_path
+):
+    rows = [
+        {"email": "ann+news@example.com", "name": "Ann"},
+        {"email": "bob@example.com", "name": "Bob"},
+    ]
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_templates(tmp_path, html=None)
+    mailto = "leave@example.com?subject=unsubscribe%20{{ email | urlencode }}"
+
+    result = job.run(source, template, "--unsubscribe-url", URL, "--unsubscribe-mailto", mailto)
+
+    assert result.returncode == 0, result.stderr
+    messages = {m.rcpt_tos[0]: parsed(m.content) for m in job.relay.messages()}
+    assert sorted(messages) == sorted(row["email"] for row in rows)
+    for address, message in messages.items():
+        [header] = message.get_all("List-Unsubscribe")
+        assert LIST_UNSUBSCRIBE.fullmatch(str(header)), str(header)
+        assert message.get_all("List-Unsubscribe-Post") == ["List-Unsubscribe=One-Click"]
+        assert links(message)[0] == (
+            f"mailto:leave@example.com?subject=unsubscribe%20{quote(address, '')}"
+        )
 
 
 # The HTML alternative.
