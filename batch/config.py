@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.errors import UsageError
+from batch.throttle import SLOWEST_RATE_PER_S
 
 ENV_PREFIX = "MASSMAIL_"
 PASSWORD_ENV = "MASSMAIL_SMTP_PASSWORD"
@@ -62,7 +63,13 @@ def _rate(value: str) -> float:
         number = 0.0
     if not slash or unit.lower() not in RATE_UNITS_S or number <= 0:
         raise ValueError("must be a number of messages per s, min or h, such as 300/min")
-    return number / RATE_UNITS_S[unit.lower()]
+    rate_per_s = number / RATE_UNITS_S[unit.lower()]
+    if rate_per_s < SLOWEST_RATE_PER_S:
+        raise ValueError(
+            f"must be at least {SLOWEST_RATE_PER_S * 3600:g}/h: a worker waiting longer for its "
+            "slot would hold its message past the broker's 30-minute consumer timeout"
+        )
+    return rate_per_s
 
 
 def _boolean(value: str) -> bool:

@@ -38,7 +38,7 @@ from batch.recipients import RecipientList
 from batch.sentlog import Outcome, SentLog, Status
 from batch.source import fingerprint, read_rows
 from batch.suppression import Suppressions
-from batch.throttle import paced_prefetch, start_schedule
+from batch.throttle import paced_prefetch, paced_workers, start_schedule
 from batch.worker import WorkerSettings
 
 log = logging.getLogger("batch")
@@ -92,6 +92,7 @@ class Launcher:
         self.interrupted = False
         self.unreadable = 0
         self.progress = Progress(sys.stderr, settings.verbosity, settings.source)
+        self.workers = paced_workers(settings.workers, settings.rate)
 
     def run(self) -> ExitCode:
         """Check the inputs, hold the campaign's lock, and run it."""
@@ -121,6 +122,7 @@ class Launcher:
         s = self.settings
         ledger = self._sent_log(folder, campaign, rebuild=True)
         self._recover(ledger)
+        self._suppress_at_claim(ledger)
         relay = self._relay_settings()
         Mailer(relay).open()  # fail fast, before anything is queued
 
@@ -129,16 +131,21 @@ class Launcher:
         loader = self._loader(campaign, folder, publish_all=broker.depth() == 0)
         log.info(
             "campaign %s: list %s, %d workers, relay %s, broker %s, state %s%s",
-            campaign, s.source, s.workers, relay.describe(), describe(s.amqp_url), folder,
+            campaign, s.source, self.workers, relay.describe(), describe(s.amqp_url), folder,
             resuming(Tally.of(ledger)),
         )  # fmt: skip
 
         if s.rate:
             log.info("rate limit: %s messages per second, all workers together", f"{s.rate:g}")
+        if self.workers < s.workers:
+            log.info(
+                "%d workers instead of %d: at this rate more would only wait, each holding "
+                "a message the broker takes back after 30 minutes", self.workers, s.workers,
+            )  # fmt: skip
         pool = WorkerPool(
             self._worker_settings(campaign, ledger.path, parts, relay),
-            s.workers,
-            max_restarts=3 * s.workers,
+            self.workers,
+            max_restarts=3 * self.workers,
         )
         pool.start()
         loader.start()
@@ -188,6 +195,13 @@ class Launcher:
                 "(see the sent-log; --in-doubt resend sends them again)",
                 len(settled),
             )
+
+    def _suppress_at_claim(self, ledger: SentLog) -> None:
+        """Hand the suppression list to the claim, before any worker takes a message."""
+        if self.suppressions is None:
+            ledger.suppress_at_claim((), "")
+        else:
+            ledger.suppress_at_claim(self.suppressions, self.suppressions.reason)
 
     def _recipients(self) -> RecipientList:
         s = self.settings
@@ -252,11 +266,12 @@ class Launcher:
             amqp_url=s.amqp_url,
             retry_delays_s=s.retry_delays_s,
             max_attempts=s.max_attempts,
-            prefetch=paced_prefetch(s.prefetch, s.workers, s.rate),
+            prefetch=paced_prefetch(s.prefetch, self.workers, s.rate),
             resend_in_doubt=s.in_doubt == "resend",
             verbosity=s.verbosity,
             heartbeat_s=s.amqp_heartbeat,
             reconnect_for_s=s.reconnect_for,
+            limit=s.limit,
             rate_per_s=s.rate,
             rate_schedule=start_schedule(sent_log.parent / "rate.schedule") if s.rate else None,
         )

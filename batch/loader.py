@@ -9,19 +9,23 @@ campaign any more, in which case everything unsettled goes in again. Publishing 
 recipient twice is harmless: the worker's claim drops the second copy.
 
 Recipients on the suppression list are settled as `suppressed` instead. With a limit,
-only the list's first N recipients are considered; the rest are counted, not noted, so
-a later run with a higher limit (or none) goes on where this one stopped.
+only the list's first N recipients are considered; the rest are counted and left out of
+the run (the workers drop any message of theirs an earlier run left queued), so a later
+run with a higher limit (or none) goes on where this one stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from batch.broker import Broker
 from batch.errors import Unavailable
@@ -90,11 +94,13 @@ class Loader:
 
     def load(self) -> None:
         """Read the list and publish the recipients still to mail, in batches."""
+        # The refused rows of an earlier run are not this list's until it is read through.
+        self.rejected_path.unlink(missing_ok=True)
         batch: list[Recipient] = []
         past_limit: list[str] = []
-        for number, recipient in enumerate(self.recipients, start=1):
+        for recipient in self.recipients:
             self.counts.rows = self.recipients.seen
-            if self.limit is not None and number > self.limit:
+            if self.limit is not None and recipient.position > self.limit:
                 past_limit.append(recipient.address)
                 if len(past_limit) >= self.batch_size:
                     self._hold(past_limit)
@@ -137,21 +143,26 @@ class Loader:
         """Settle the batch's suppressed recipients; return the others."""
         listed = [r.address for r in batch if r.address in self.suppressions]
         if listed:
-            reason = f"on the suppression list {self.suppressions.path}"
+            reason = self.suppressions.reason
             newly = self.ledger.suppress(listed, reason)
             self.counts.suppressed += newly
             self.counts.settled += len(listed) - newly
         return [r for r in batch if r.address not in self.suppressions]
 
     def _hold(self, addresses: list[str]) -> None:
-        """Count the unsettled recipients past the limit, without noting them."""
-        self.counts.held += self.ledger.pending_among(addresses)
+        """Count the unsettled recipients past the limit and leave them out of this run."""
+        self.counts.held += self.ledger.hold(addresses)
         addresses.clear()
 
 
 def message_of(recipient: Recipient) -> dict[str, object]:
-    """Describe a recipient as its queue message: the address, its row and its columns."""
-    return {"recipient": recipient.address, "row": recipient.row, "fields": recipient.fields}
+    """Describe a recipient as its queue message: address, row, place in the list, columns."""
+    return {
+        "recipient": recipient.address,
+        "row": recipient.row,
+        "position": recipient.position,
+        "fields": recipient.fields,
+    }
 
 
 def read_checkpoint(path: Path) -> int:
@@ -167,20 +178,30 @@ def read_checkpoint(path: Path) -> int:
 
 def write_checkpoint(path: Path, through_row: int) -> None:
     """Replace the checkpoint atomically and durably."""
-    temporary = path.with_suffix(".tmp")
-    with temporary.open("w") as file:
+    with replacing(path) as file:
         json.dump({"through_row": through_row}, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 def write_rejections(path: Path, rejections: list[Rejection]) -> None:
     """List the refused rows with their reasons, safe to open in a spreadsheet."""
-    with path.open("w", newline="", encoding="utf-8") as file:
+    with replacing(path) as file:
         writer = csv.writer(file)
         writer.writerow(["row", "value", "reason"])
         for rejection in rejections:
             writer.writerow(
                 [rejection.row, safe_cell(rejection.value), safe_cell(rejection.reason)]
             )
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[TextIO]:
+    """Write a file beside path, fsync it, then put it in path's place in one step.
+
+    A reader (the report) sees the old file or the whole new one, never a part.
+    """
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", newline="", encoding="utf-8") as file:
+        yield file
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)

@@ -23,11 +23,12 @@ SEPARATORS = re.compile(r"[,;\s]+")
 
 @dataclass(frozen=True, slots=True)
 class Recipient:
-    """A distinct, valid address and the row it first appeared in."""
+    """A distinct, valid address, the row it first appeared in and its place in the list."""
 
     address: str
     row: int
     fields: dict[str, str]
+    position: int = 0  # among the list's distinct, valid recipients, from 1; what --limit counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +115,7 @@ class RecipientList:
             first_row = self._first_rows.get(key)
             if first_row is None:
                 self._first_rows[key] = row.number
-                return Recipient(address, row.number, row.fields)
+                return Recipient(address, row.number, row.fields, len(self._first_rows))
             reason = f"duplicate of row {first_row}"
 
         self.rejections.append(Rejection(row.number, value, reason))

@@ -39,6 +39,7 @@ from typing import Protocol
 
 from batch.errors import BatchError
 from batch.locking import file_lock
+from batch.recipients import compared_form
 
 COLUMNS = (
     "timestamp",
@@ -134,6 +135,8 @@ class SentLog:
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND)
         self._lock = file_lock(path, self._fd)
         self._index = _open_index(path.with_suffix(".index"))
+        suppressing = self._index.execute("SELECT 1 FROM suppressed LIMIT 1").fetchone()
+        self._suppressing = suppressing is not None  # read once: the launcher sets it first
         if rebuild:
             with self._locked():
                 self._rebuild_index()
@@ -141,15 +144,13 @@ class SentLog:
     # The worker's side.
 
     def claim(self, recipient: str, message_id: str) -> bool:
-        """Claim the recipient and fsync, unless it is claimed or settled already."""
+        """Claim the recipient and fsync, unless it is claimed, settled or suppressed."""
         with self._locked():
-            # One statement checks and claims: it changes no row if the recipient is taken.
-            claimed = self._index.execute(self._claim_sql, (recipient, self.worker, message_id))
-            if claimed.rowcount == 0:
-                return False
-            self._write(recipient, message_id, Outcome(Status.CLAIMED))
-        self.sync()
-        return True
+            suppressed = self._suppressing and self._settle_if_suppressed(recipient)
+            claimed = not suppressed and self._claim(recipient, message_id)
+        if claimed or suppressed:
+            self.sync()
+        return claimed
 
     def record(self, recipient: str, message_id: str, outcome: Outcome) -> None:
         """Write the outcome line now; it is durable after the next `sync()` or `claim()`."""
@@ -185,10 +186,24 @@ class SentLog:
                 )
         return {r: known.get(r, QUEUED) for r in recipients if known.get(r) not in self._settled}
 
-    def pending_among(self, recipients: Iterable[str]) -> int:
-        """Count the recipients not settled yet, noting nothing."""
+    def hold(self, recipients: Iterable[str]) -> int:
+        """Leave the unsettled ones of these recipients out of this run; return how many.
+
+        The index forgets what it knew of them, so this run neither waits for them nor
+        queues them again; the next run rebuilds their status from the CSV.
+        """
         recipients = list(recipients)
-        return sum(self._known(recipients).get(r) not in self._settled for r in recipients)
+        if not recipients:
+            return 0
+        with self._locked():
+            known = self._known(recipients)
+            unsettled = [r for r in recipients if known.get(r) not in self._settled]
+            # A claim is never forgotten: its outcome is still to come.
+            forget = [(r,) for r in unsettled if r in known and known[r] != Status.CLAIMED]
+            if forget:
+                with self._index:
+                    self._index.executemany("DELETE FROM recipients WHERE address = ?", forget)
+        return len(unsettled)
 
     def suppress(self, recipients: Iterable[str], reason: str) -> int:
         """Settle every unsettled one of these recipients as suppressed; return how many."""
@@ -203,6 +218,19 @@ class SentLog:
                 self._append(recipient, "", outcome)
         self.sync()
         return len(unsettled)
+
+    def suppress_at_claim(self, addresses: Iterable[str], reason: str) -> None:
+        """Have every later claim refuse these addresses and settle them as suppressed.
+
+        The loader settles the suppressed recipients it reads, but workers start before it
+        and may take messages an earlier run left queued; the claim is where both meet.
+        Each run replaces the set: a run without a suppression list suppresses nobody new.
+        """
+        rows = [(compared_form(address), reason) for address in addresses]
+        with self._locked(), self._index:
+            self._index.execute("DELETE FROM suppressed")
+            self._index.executemany("INSERT OR IGNORE INTO suppressed VALUES (?, ?)", rows)
+        self._suppressing = bool(rows)
 
     def settle_open_claims(self, reason: str, worker: str | None = None) -> list[str]:
         """Record every claim without an outcome (of one worker, or all) as in-doubt."""
@@ -253,6 +281,25 @@ class SentLog:
         query = f"SELECT address, status FROM recipients WHERE address IN ({marks})"
         return dict(self._index.execute(query, recipients).fetchall())
 
+    def _claim(self, recipient: str, message_id: str) -> bool:
+        """Claim the recipient unless it is taken: one statement checks and claims."""
+        cursor = self._index.execute(self._claim_sql, (recipient, self.worker, message_id))
+        if cursor.rowcount == 0:
+            return False
+        self._write(recipient, message_id, Outcome(Status.CLAIMED))
+        return True
+
+    def _settle_if_suppressed(self, recipient: str) -> bool:
+        """Tell whether the recipient is suppressed; if so and unsettled, settle it so."""
+        row = self._index.execute(
+            "SELECT reason FROM suppressed WHERE address = ?", (compared_form(recipient),)
+        ).fetchone()
+        if row is None:
+            return False
+        if self._status(recipient) not in self._blocking:
+            self._append(recipient, "", Outcome(Status.SUPPRESSED, None, row[0]))
+        return True
+
     def _status(self, recipient: str) -> str | None:
         row = self._index.execute(
             "SELECT status FROM recipients WHERE address = ?", (recipient,)
@@ -295,6 +342,10 @@ def _open_index(path: Path) -> sqlite3.Connection:
         " worker TEXT, message_id TEXT) WITHOUT ROWID"
     )
     index.execute("CREATE INDEX IF NOT EXISTS by_status ON recipients (status)")
+    index.execute(
+        "CREATE TABLE IF NOT EXISTS suppressed (address TEXT PRIMARY KEY, reason TEXT NOT NULL)"
+        " WITHOUT ROWID"
+    )
     return index
 
 

@@ -1,9 +1,10 @@
 """The suppression list: addresses never to mail, whatever list they turn up in.
 
 The file is plain text, one address a line ("#" starts a comment), or a CSV with an
-`email` column. Addresses are compared as the recipient list compares them (stripped and
-lower-cased), with an internationalised domain in its ASCII form, so `ann@bücher.example`
-and `Ann@xn--bcher-kva.example` are one entry.
+`email` column: a file named `.csv`, or one whose first line is a header naming `email`.
+Addresses are compared as the recipient list compares them (stripped and lower-cased),
+with an internationalised domain in its ASCII form, so `ann@bücher.example` and
+`Ann@xn--bcher-kva.example` are one entry.
 
 Recipients whose address the relay refused for good can be added to it from a campaign's
 sent-log with `python -m batch.report --campaign NAME --export-refused FILE`. Only refusals
@@ -18,7 +19,7 @@ import csv
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from email.utils import parseaddr
 from pathlib import Path
 
@@ -51,6 +52,15 @@ class Suppressions:
     def __contains__(self, address: str) -> bool:
         return compared_form(address) in self._keys
 
+    @property
+    def reason(self) -> str:
+        """Say why a recipient on this list is not mailed, as the sent-log records it."""
+        return f"on the suppression list {self.path}"
+
+    def __iter__(self) -> Iterator[str]:
+        """Yield each address once, in the form addresses are compared in."""
+        return iter(self._keys)
+
     def __len__(self) -> int:
         return len(self._keys)
 
@@ -78,10 +88,10 @@ def _addresses(path: Path, lines: list[str]) -> list[str]:
 
 def _csv_column(path: Path, lines: list[str]) -> int | None:
     """Return the email column of a CSV suppression list, or None for a text file."""
-    first = next((line for line in lines if line.strip()), "")
-    if path.suffix.lower() != ".csv" and "," not in first:
-        return None
+    # A comma alone does not make a CSV: a text line may be `"Smith, John" <j@example.com>`.
     header = [name.strip().casefold() for name in next(csv.reader(lines[:1]), [])]
+    if path.suffix.lower() != ".csv" and ADDRESS_COLUMN not in header:
+        return None
     if ADDRESS_COLUMN not in header:
         raise SourceError(
             f"{path}: line 1: a CSV suppression list needs an '{ADDRESS_COLUMN}' column "

@@ -28,6 +28,9 @@ SLOT = struct.Struct("d")  # the next slot, in time.monotonic() seconds
 # The broker takes back a delivery held unacknowledged for 30 minutes (RabbitMQ's default
 # consumer timeout); a paced worker holds no more than it can send in this much time.
 HELD_AHEAD_S = 300.0
+# A lone worker holds each delivery for about 1/rate: a slower rate would outlast the
+# broker's consumer timeout (30 minutes) with room to spare for the send itself.
+SLOWEST_RATE_PER_S = 3 / 3600
 
 
 def start_schedule(path: Path) -> Path:
@@ -67,3 +70,14 @@ def paced_prefetch(prefetch: int, workers: int, rate_per_s: float | None) -> int
     if rate_per_s is None:
         return prefetch
     return max(1, min(prefetch, int(rate_per_s * HELD_AHEAD_S / workers)))
+
+
+def paced_workers(workers: int, rate_per_s: float | None) -> int:
+    """Lower the number of workers so that none waits for its slot past HELD_AHEAD_S.
+
+    Every worker holds a delivery while it waits, and with n workers the wait is n/rate:
+    more workers than rate * HELD_AHEAD_S add nothing but deliveries held too long.
+    """
+    if rate_per_s is None:
+        return workers
+    return max(1, min(workers, int(rate_per_s * HELD_AHEAD_S)))

@@ -69,6 +69,7 @@ class WorkerSettings:
     verbosity: int
     heartbeat_s: int
     reconnect_for_s: float  # how long to keep trying a lost broker or relay
+    limit: int | None = None  # mail only the list's first N recipients
     rate_per_s: float | None = None  # all workers together, through the schedule file
     rate_schedule: Path | None = None
 
@@ -129,6 +130,7 @@ class Worker:
                 self._reconnect_broker()
 
         # Deliveries not begun go back to the queue when the connection closes.
+        log.debug("stopping: finishing the message in hand; the others go back to the queue")
         self.leaving.set()
         with self.inbox.mutex:
             self.inbox.queue.clear()
@@ -217,6 +219,11 @@ class Worker:
 
     def _handle(self, delivery: Delivery, content: dict[str, Any]) -> None:
         """Claim, send, record; the ack follows once the outcome is durable."""
+        if self._past_limit(content):
+            # Queued by an earlier run without the limit; a later run queues it again.
+            log.debug("%s is past --limit; dropping its message", content["recipient"])
+            self.done.append(delivery)
+            return
         if not self._await_slot():
             return  # leaving: the delivery goes back to the queue unacked
         recipient = content["recipient"]
@@ -246,6 +253,11 @@ class Worker:
             self.broker.call_soon(partial(self.broker.retry_later, delivery))
         else:
             self.done.append(delivery)
+
+    def _past_limit(self, content: dict[str, Any]) -> bool:
+        """Tell whether the recipient's place in the list is beyond this run's limit."""
+        limit = self.settings.limit
+        return limit is not None and int(content.get("position", 0)) > limit
 
     def _await_slot(self) -> bool:
         """Wait for the run's rate limit to allow one more message; False if leaving."""

@@ -107,6 +107,13 @@ def test_a_rate_is_read_per_second_minute_or_hour_and_a_bad_one_is_refused():
             config.load([*REQUIRED, f"--rate={bad}"])
 
 
+def test_a_rate_so_slow_that_a_message_would_outwait_the_broker_is_refused():
+    assert config.load([*REQUIRED, "--rate", "3/h"]).rate == 3 / 3600
+
+    with pytest.raises(UsageError, match=r"--rate: '2/h': must be at least 3/h: a worker"):
+        config.load([*REQUIRED, "--rate=2/h"])
+
+
 def test_attach_is_repeatable_from_flags_the_environment_and_the_file(tmp_path, monkeypatch):
     file = tmp_path / "massmail.toml"
     file.write_text('attach = ["a.pdf", "b.pdf"]\n')

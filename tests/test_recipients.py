@@ -24,14 +24,15 @@ def rejections(*addresses: str, **options: object) -> list[Rejection]:
     return recipients.rejections
 
 
-def test_valid_addresses_come_out_normalised_with_their_row_and_fields():
-    recipients = list(
-        RecipientList(rows(" Ann@Example.COM ", "bob@example.com"), source="list.csv")
-    )
+def test_valid_addresses_come_out_normalised_with_their_row_fields_and_place_in_the_list():
+    listed = rows(" Ann@Example.COM ", "not an address", "ann@example.com", "bob@example.com")
 
+    recipients = list(RecipientList(listed, source="list.csv"))
+
+    # --limit counts places: a refused row and a duplicate take none.
     assert recipients == [
-        Recipient("ann@example.com", 2, {"email": " Ann@Example.COM ", "name": "Person 2"}),
-        Recipient("bob@example.com", 3, {"email": "bob@example.com", "name": "Person 3"}),
+        Recipient("ann@example.com", 2, {"email": " Ann@Example.COM ", "name": "Person 2"}, 1),
+        Recipient("bob@example.com", 5, {"email": "bob@example.com", "name": "Person 5"}, 2),
     ]
 
 
