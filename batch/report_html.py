@@ -1,27 +1,32 @@
 """The campaign's report as one HTML page, with a chart of the sending rate over time.
 
 The page stands alone, to be opened, mailed or archived as it is: its style is inline, its
-chart is an inline SVG, and it has no script and nothing to fetch. Every value from the
-campaign's files (addresses, the relay's replies, Message-IDs) is HTML-escaped: a reply is
-written by whoever runs the relay, and may hold markup.
+chart is an inline SVG, and it has no script and nothing to fetch. This module works out
+what the page shows, down to where each bar of the chart goes; the markup is the template
+batch/templates/report.html. Every value from the campaign's files (addresses, the relay's
+replies, Message-IDs) is HTML-escaped by the template's autoescape, which no value can skip
+by being forgotten: a reply is written by whoever runs the relay, and may hold markup.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
+
+import jinja2
 
 from batch.errors import UsageError
 from batch.sentlog import QUEUED, SentLogError, Status
 
 if TYPE_CHECKING:  # batch.report imports this module
-    from batch.report import Campaign, Standing
+    from batch.report import Campaign
 
+TEMPLATE = "report.html"  # in batch/templates/, shipped as package data
 # The recipients listed by name, with the text report's titles.
 LISTED = ((Status.FAILED, "failed"), (Status.IN_DOUBT, "in doubt"))
 MAX_BARS = 120
@@ -34,30 +39,6 @@ LEFT, RIGHT, TOP, BOTTOM = 64, 40, 12, 52
 PLOT_WIDTH, PLOT_HEIGHT = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 WIDEST_BAR = 40
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
-
-STYLE = """
-body { font: 15px/1.45 system-ui, sans-serif; color: #1d232b; margin: 1.5rem auto;
-       max-width: 62rem; padding: 0 1rem; }
-h1 { font-size: 1.5rem; margin-bottom: 0.2rem; }
-h2 { font-size: 1.15rem; margin-top: 2rem; }
-.made { color: #555; margin-top: 0; }
-table { border-collapse: collapse; }
-th, td { text-align: left; padding: 0.2rem 0.8rem 0.2rem 0; vertical-align: top; }
-.counts td.number { text-align: right; font-variant-numeric: tabular-nums; }
-.counts th, .counts td.number { white-space: nowrap; }
-.note, .more { color: #555; }
-.listed { width: 100%; }
-.listed thead th { border-bottom: 1px solid #999; }
-.listed td { border-bottom: 1px solid #ddd; overflow-wrap: anywhere; }
-.listed td:nth-child(-n+2) { font-family: ui-monospace, monospace; font-size: 0.9em; }
-svg.chart { width: 100%; height: auto; max-width: 760px; display: block; }
-svg.chart text { font: 12px system-ui, sans-serif; fill: #333; }
-svg.chart .grid { stroke: #e3e3e3; }
-svg.chart .axis { stroke: #555; }
-.sent { fill: #2f6aa8; background: #2f6aa8; }
-.failed-or-in-doubt { fill: #d0442c; background: #d0442c; }
-.key { display: inline-block; width: 0.8em; height: 0.8em; margin: 0 0.3em 0 1em; }
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +55,107 @@ class Bar:
         return self.sent + self.failed_or_in_doubt
 
 
+class CountRow(NamedTuple):
+    """One row of the counts table: what is counted, how many, and where that comes from."""
+
+    name: str
+    value: int | str
+    note: str = ""
+
+
+class Listed(NamedTuple):
+    """The recipients of one status, as the page lists them."""
+
+    status: str  # the section's id, spelled as in the sent-log
+    title: str
+    total: int
+    rows: list[tuple[str, str, str]]  # recipient, Message-ID, reply: the first `show`
+    more: int  # how many the rows leave out
+
+
+# The chart, in the SVG's own units: the template places these and computes nothing.
+
+
+class Frame(NamedTuple):
+    """Where the chart's fixed parts go: the plot's edges, the axes' labels and titles."""
+
+    width: int
+    height: int
+    left: int
+    right: int
+    bottom: int
+    rate_label_x: int  # the right end of a rate's label
+    rate_title_x: int
+    rate_title_y: float
+    tick_bottom: int  # the lower end of a time's mark
+    time_label_y: int
+    time_title_x: float
+    time_title_y: int
+
+
+FRAME = Frame(
+    width=WIDTH,
+    height=HEIGHT,
+    left=LEFT,
+    right=LEFT + PLOT_WIDTH,
+    bottom=TOP + PLOT_HEIGHT,
+    rate_label_x=LEFT - 6,
+    rate_title_x=14,
+    rate_title_y=TOP + PLOT_HEIGHT / 2,
+    tick_bottom=TOP + PLOT_HEIGHT + 4,
+    time_label_y=TOP + PLOT_HEIGHT + 18,
+    time_title_x=LEFT + PLOT_WIDTH / 2,
+    time_title_y=HEIGHT - 8,
+)
+
+
+class RateTick(NamedTuple):
+    """A rate up the chart's side: the height of its grid line and of its label."""
+
+    y: float
+    label_y: float
+    label: str  # messages per minute, "2.5"
+
+
+class TimeTick(NamedTuple):
+    """A time along the chart's foot: where its mark is, and what it says."""
+
+    x: float
+    label: str
+
+
+class Shape(NamedTuple):
+    """One rectangle of a bar: its sent part, or its failed or in-doubt part."""
+
+    kind: str  # "sent" or "failed-or-in-doubt", the rectangle's class
+    x: float
+    y: float
+    width: float
+    height: float
+
+
+class DrawnBar(NamedTuple):
+    """A bar as drawn: the numbers of its tooltip, and its one or two rectangles."""
+
+    start: str
+    end: str
+    sent: int
+    failed_or_in_doubt: int
+    rate: str  # settled messages a minute, "0.67"
+    shapes: list[Shape]
+
+
+class Chart(NamedTuple):
+    """The sending rate: what the words above the chart say, and what the chart draws."""
+
+    first: str  # when the first bar starts
+    until: str  # when the last ends, without its day if that is the first's
+    bar_is: str  # how long a bar is, "5 minutes"
+    rates: list[RateTick]
+    times: list[TimeTick]
+    bars: list[DrawnBar]  # only the bars with settled lines
+
+
 def write(campaign: Campaign, path: Path, *, show: int) -> None:
     """Write the campaign's report page to path."""
     page = render(campaign, show=show, made=datetime.now(UTC))
@@ -85,104 +167,91 @@ def write(campaign: Campaign, path: Path, *, show: int) -> None:
 
 def render(campaign: Campaign, *, show: int, made: datetime) -> str:
     """Render the whole page: counts, the sending rate, then the recipients in trouble."""
-    name = escape(campaign.folder.name)
-    parts = [
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>campaign {name}: report of {made:{TIME_FORMAT}}</title>",
-        f"<style>{STYLE}</style>\n</head>\n<body>",
-        f"<h1>campaign {name}</h1>",
-        f'<p class="made">report made {made:{TIME_FORMAT}} from '
-        f"<code>{escape(str(campaign.folder))}</code></p>",
-        counts_table(campaign),
-        rate_section(campaign),
-    ]
-    for status, title in LISTED:
-        parts.append(listed_section(status, title, campaign.listed(status), show))
-    parts.append("</body>\n</html>\n")
-    return "\n".join(part for part in parts if part)
+    listed = [listed_recipients(campaign, status, title, show) for status, title in LISTED]
+    return _template().render(
+        name=campaign.folder.name,
+        folder=str(campaign.folder),
+        made=f"{made:{TIME_FORMAT}}",
+        counts=count_rows(campaign),
+        chart=rate_chart(campaign),
+        frame=FRAME,
+        listed=[section for section in listed if section.total],
+    )
+
+
+@functools.cache
+def _template() -> jinja2.Template:
+    """Compile the page's template, once a process."""
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("batch", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,  # a misspelt name fails the render
+        trim_blocks=True,  # a line holding only {% ... %} leaves no line on the page
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        auto_reload=False,
+    )
+    environment.filters["coord"] = _coord
+    return environment.get_template(TEMPLATE)
+
+
+def _coord(number: float) -> str:
+    """Write a position in the chart to a tenth of its unit."""
+    return f"{number:.1f}"
 
 
 # The counts, and the recipients listed by name.
 
 
-def counts_table(campaign: Campaign) -> str:
-    """Render the counts per status with the files they come from, as the text report does."""
-    rows = [_count_row("recipients", len(campaign.recipients))]
-    rows += [_count_row(status, count) for status, count in campaign.by_status()]
+def count_rows(campaign: Campaign) -> list[CountRow]:
+    """Count recipients per status with the files they come from, as the text report does."""
+    rows = [CountRow("recipients", len(campaign.recipients))]
+    rows += [CountRow(status, count) for status, count in campaign.by_status()]
     if campaign.index_problem:
-        rows.append(_count_row(QUEUED, "not known", campaign.index_problem))
+        rows.append(CountRow(QUEUED, "not known", campaign.index_problem))
     refused = "not known yet" if campaign.rejected is None else campaign.rejected
-    rows.append(_count_row("refused rows", refused, str(campaign.folder / "rejected.csv")))
+    rows.append(CountRow("refused rows", refused, str(campaign.folder / "rejected.csv")))
 
     lines = f"{campaign.lines} lines"
     if campaign.unfinished_bytes:
         lines += f" and {campaign.unfinished_bytes} bytes of a line being written"
-    rows.append(_count_row("sent-log", lines, str(campaign.folder / "sent-log.csv")))
-    return '<table class="counts">\n' + "\n".join(rows) + "\n</table>"
+    rows.append(CountRow("sent-log", lines, str(campaign.folder / "sent-log.csv")))
+    return rows
 
 
-def _count_row(name: str, value: int | str, note: str = "") -> str:
-    return (
-        f'<tr><th scope="row">{escape(name)}</th><td class="number">{escape(str(value))}</td>'
-        f'<td class="note">{escape(note)}</td></tr>'
-    )
-
-
-def listed_section(status: str, title: str, listed: list[tuple[str, Standing]], show: int) -> str:
-    """Render the first `show` recipients of a status with their Message-IDs and replies."""
-    if not listed:
-        return ""
-    rows = [
-        f"<tr><td>{escape(recipient)}</td><td>{escape(s.message_id)}</td>"
-        f"<td>{escape(s.smtp_reply or s.smtp_code)}</td></tr>"
-        for recipient, s in listed[:show]
-    ]
-    parts = [f'<section id="{escape(status)}">', f"<h2>{title} ({len(listed)})</h2>"]
-    if rows:
-        parts += [
-            '<table class="listed">',
-            "<thead><tr><th>recipient</th><th>Message-ID</th><th>reply</th></tr></thead>",
-            "<tbody>",
-            *rows,
-            "</tbody>\n</table>",
-        ]
-    if len(listed) > show:
-        parts.append(
-            f'<p class="more">... and {len(listed) - show} more: '
-            "<code>--csv FILE</code> lists them all</p>"
-        )
-    parts.append("</section>")
-    return "\n".join(parts)
+def listed_recipients(campaign: Campaign, status: str, title: str, show: int) -> Listed:
+    """List the first `show` recipients of a status with their Message-IDs and replies."""
+    listed = campaign.listed(status)
+    rows = [(r, s.message_id, s.smtp_reply or s.smtp_code) for r, s in listed[:show]]
+    return Listed(status, title, len(listed), rows, len(listed) - len(rows))
 
 
 # The sending rate.
 
 
-def rate_section(campaign: Campaign) -> str:
-    """Render the chart of messages settled per minute, with what it shows in words."""
-    parts = ["<h2>sending rate</h2>"]
+def rate_chart(campaign: Campaign) -> Chart | None:
+    """Lay out the chart of messages settled per minute; None if none is settled yet."""
     bars, width_s = chart_bars(campaign)
     if not bars:
-        parts.append("<p>No message has been sent, failed or left in doubt yet.</p>")
-        return "\n".join(parts)
+        return None
 
     first = datetime.fromtimestamp(bars[0].start_s, UTC)
     last = datetime.fromtimestamp(bars[-1].start_s + width_s, UTC)
     until = f"{last:%H:%M:%S}" if last.date() == first.date() else f"{last:%Y-%m-%d %H:%M:%S}"
-    parts.append(
-        "<p>Messages sent, failed or left in doubt per minute, "
-        f"from {first:%Y-%m-%d %H:%M:%S} to {until} UTC; each bar is {_duration(width_s)}. "
-        "Deferred attempts and suppressed recipients are not counted.</p>"
-    )
-    parts += [
-        "<figure>",
-        chart(bars, width_s),
-        '<figcaption><span class="key sent"></span>sent'
-        '<span class="key failed-or-in-doubt"></span>failed or in doubt</figcaption>',
-        "</figure>",
+    ticks = _rate_ticks(max(bar.total for bar in bars) * 60 / width_s)
+    drawn = [
+        _drawn_bar(i, bar, len(bars), width_s, ticks[-1])
+        for i, bar in enumerate(bars)
+        if bar.total
     ]
-    return "\n".join(parts)
+    return Chart(
+        f"{first:%Y-%m-%d %H:%M:%S}",
+        until,
+        _duration(width_s),
+        _rate_axis(ticks),
+        _time_axis(bars, width_s),
+        drawn,
+    )
 
 
 def chart_bars(campaign: Campaign) -> tuple[list[Bar], int]:
@@ -230,25 +299,6 @@ def _duration(seconds: int) -> str:
     return f"{number} {unit}{'' if number == 1 else 's'}"
 
 
-def chart(bars: list[Bar], width_s: int) -> str:
-    """Draw the bars, stacked sent then failed or in doubt, on labelled axes, as SVG."""
-    ticks = _rate_ticks(max(bar.total for bar in bars) * 60 / width_s)
-    marks = [
-        _bar(i, bar, len(bars), width_s, ticks[-1]) for i, bar in enumerate(bars) if bar.total
-    ]
-    return "\n".join(
-        [
-            f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" '
-            f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
-            'aria-label="messages per minute over time (UTC)">',
-            *_rate_axis(ticks),
-            *_time_axis(bars, width_s),
-            *marks,
-            "</svg>",
-        ]
-    )
-
-
 def _rate_ticks(highest: float) -> list[float]:
     """Choose about five round rates from 0 up to at least the highest."""
     rough = highest / 5
@@ -257,68 +307,52 @@ def _rate_ticks(highest: float) -> list[float]:
     return [round(i * step, 9) for i in range(math.ceil(highest / step - 1e-9) + 1)]
 
 
-def _rate_axis(ticks: list[float]) -> list[str]:
-    """Draw the rate's grid lines, their values and the axis' title."""
-    lines = []
-    for tick in ticks:
-        y = _y(tick, ticks[-1])
-        lines.append(_line("grid", LEFT, LEFT + PLOT_WIDTH, y, y))
-        lines.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>')
-    lines.append(
-        f'<text transform="translate(14 {TOP + PLOT_HEIGHT / 2}) rotate(-90)" '
-        'text-anchor="middle">messages per minute</text>'
-    )
-    return lines
+def _rate_axis(ticks: list[float]) -> list[RateTick]:
+    """Place the rates' grid lines and labels, the highest rate at the plot's top."""
+    heights = [_y(tick, ticks[-1]) for tick in ticks]
+    return [RateTick(y, y + 4, f"{tick:g}") for tick, y in zip(ticks, heights, strict=True)]
 
 
-def _time_axis(bars: list[Bar], width_s: int) -> list[str]:
-    """Draw the time axis with about six times along it, and its title."""
-    bottom = TOP + PLOT_HEIGHT
-    lines = [_line("axis", LEFT, LEFT + PLOT_WIDTH, bottom, bottom)]
+def _time_axis(bars: list[Bar], width_s: int) -> list[TimeTick]:
+    """Place about six times along the time axis, at the start of the bars they name."""
     days = {datetime.fromtimestamp(b.start_s, UTC).date() for b in (bars[0], bars[-1])}
     shape = "%H:%M:%S" if width_s < 60 else "%H:%M" if len(days) == 1 else "%m-%d %H:%M"
-
-    for i in range(0, len(bars), math.ceil(len(bars) / 6)):
-        x = LEFT + i * PLOT_WIDTH / len(bars)
-        label = datetime.fromtimestamp(bars[i].start_s, UTC).strftime(shape)
-        lines.append(_line("axis", x, x, bottom, bottom + 4))
-        lines.append(f'<text x="{x:.1f}" y="{bottom + 18}" text-anchor="middle">{label}</text>')
-    lines.append(
-        f'<text x="{LEFT + PLOT_WIDTH / 2}" y="{HEIGHT - 8}" text-anchor="middle">'
-        "time (UTC)</text>"
-    )
-    return lines
+    return [
+        TimeTick(
+            LEFT + i * PLOT_WIDTH / len(bars),
+            datetime.fromtimestamp(bars[i].start_s, UTC).strftime(shape),
+        )
+        for i in range(0, len(bars), math.ceil(len(bars) / 6))
+    ]
 
 
-def _bar(i: int, bar: Bar, count: int, width_s: int, top_rate: float) -> str:
-    """Draw one bar: sent at the bottom, failed or in doubt above, with its numbers."""
+def _drawn_bar(i: int, bar: Bar, count: int, width_s: int, top_rate: float) -> DrawnBar:
+    """Place one bar: sent at the bottom, failed or in doubt above, with its numbers."""
     slot = PLOT_WIDTH / count
     width = min(slot * 0.8, WIDEST_BAR)
     x = LEFT + i * slot + (slot - width) / 2
-    start = datetime.fromtimestamp(bar.start_s, UTC)
-    end = datetime.fromtimestamp(bar.start_s + width_s, UTC)
-    rate = bar.total * 60 / width_s
-    shapes = [
-        f"<title>{start:%Y-%m-%d %H:%M:%S} to {end:%H:%M:%S} UTC: {bar.sent} sent, "
-        f"{bar.failed_or_in_doubt} failed or in doubt ({round(rate, 2):g} a minute)</title>"
-    ]
 
     # A bar is never drawn thinner than a pixel, however few its messages.
+    shapes = []
     y = TOP + PLOT_HEIGHT
     for kind, number in (("sent", bar.sent), ("failed-or-in-doubt", bar.failed_or_in_doubt)):
         if number:
             height = max(1.0, PLOT_HEIGHT * number * 60 / width_s / top_rate)
             y -= height
-            shapes.append(
-                f'<rect class="{kind}" x="{x:.1f}" y="{y:.1f}" width="{width:.1f}" '
-                f'height="{height:.1f}"/>'
-            )
-    return f'<g class="bar">{"".join(shapes)}</g>'
+            shapes.append(Shape(kind, x, y, width, height))
+
+    start = datetime.fromtimestamp(bar.start_s, UTC)
+    end = datetime.fromtimestamp(bar.start_s + width_s, UTC)
+    rate = round(bar.total * 60 / width_s, 2)
+    return DrawnBar(
+        f"{start:%Y-%m-%d %H:%M:%S}",
+        f"{end:%H:%M:%S}",
+        bar.sent,
+        bar.failed_or_in_doubt,
+        f"{rate:g}",
+        shapes,
+    )
 
 
 def _y(rate: float, top_rate: float) -> float:
     return TOP + PLOT_HEIGHT * (1 - rate / top_rate)
-
-
-def _line(kind: str, x1: float, x2: float, y1: float, y2: float) -> str:
-    return f'<line class="{kind}" x1="{x1:.1f}" x2="{x2:.1f}" y1="{y1:.1f}" y2="{y2:.1f}"/>'
