@@ -89,9 +89,7 @@ class Progress:
 
     def tick(self, ledger: SentLog, loader: Loader) -> None:
         """Redraw the bar, or log a progress line, when it is time to."""
-        if loader.counts.done and not self.list_read:
-            self.list_read = True
-            self._list_read(loader)
+        self._note_list_read(loader)
 
         if not self.bar and not log.isEnabledFor(logging.INFO):
             return
@@ -125,6 +123,7 @@ class Progress:
 
     def summary(self, tally: Tally, loader: Loader, folder: Path, finished: bool) -> None:
         """Log the closing summary, which -q keeps."""
+        self._note_list_read(loader)  # a run may end before a tick saw the list read
         elapsed = clock(time.monotonic() - self.started)
         refused = (
             f"{loader.counts.rejected} rows refused (see {folder / 'rejected.csv'})"
@@ -139,7 +138,11 @@ class Progress:
             held_back(loader), folder / "sent-log.csv",
         )  # fmt: skip
 
-    def _list_read(self, loader: Loader) -> None:
+    def _note_list_read(self, loader: Loader) -> None:
+        """Log once, when the loader is through, what it made of the list."""
+        if not loader.counts.done or self.list_read:
+            return
+        self.list_read = True
         counts = loader.counts
         log.info(
             "list %s read: %d rows, %d refused, %d settled by an earlier run, %d suppressed, "
