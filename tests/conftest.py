@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,26 +131,45 @@ class Job:
         return {row["recipient"]: row["status"] for row in self.sent_log(campaign)}
 
 
-def run_batch(args: list[str], timeout_s: float = RUN_TIMEOUT_S, **kwargs):
-    """Run `python -m batch.run` with args; a hang fails the test."""
-    return subprocess.run(
-        [sys.executable, "-m", "batch.run", *args],
+def run_batch(
+    args: list[str], timeout_s: float = RUN_TIMEOUT_S, **kwargs
+) -> subprocess.CompletedProcess:
+    """Run `python -m batch.run` with args; a hang fails the test.
+
+    The job runs in a session of its own: on a timeout its whole process group is killed,
+    workers included, so that none of them lives on to send for a later test.
+    """
+    command = [sys.executable, "-m", "batch.run", *args]
+    with subprocess.Popen(
+        command,
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout_s,
+        start_new_session=True,
         **kwargs,
-    )
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            raise subprocess.TimeoutExpired(command, timeout_s, stdout, stderr) from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def campaign_queues(campaign: str) -> list[str]:
+    """Name every queue the job may declare for a campaign (the default retry delays)."""
+    retries = [f"massmail.{campaign}.retry.{ms}" for ms in (60000, 240000, 960000, 3840000)]
+    return [f"massmail.{campaign}", f"massmail.{campaign}.dead", *retries]
 
 
 def delete_queues(url: str, campaign: str) -> None:
     """Remove a test campaign's queues from the shared broker."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
-    for name in (f"massmail.{campaign}", f"massmail.{campaign}.dead"):
+    for name in campaign_queues(campaign):
         channel.queue_delete(name)
-    for delay_ms in ("60000", "240000", "960000", "3840000"):
-        channel.queue_delete(f"massmail.{campaign}.retry.{delay_ms}")
     connection.close()
 
 
@@ -211,6 +230,16 @@ def wait_for_a_claiming_worker(job, process, timeout_s: float = 60) -> int:
                 return int(sent[-1]["worker"].rpartition(":")[2])
         time.sleep(0.05)
     raise AssertionError("no worker sent anything in time")
+
+
+def wait_until(done: Callable[[], bool], what: str, process: subprocess.Popen) -> None:
+    """Poll until done() holds; fail if the run ends or RUN_TIMEOUT_S passes first."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not done():
+        assert process.poll() is None, f"the run ended before {what}"
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {RUN_TIMEOUT_S} s")
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import mailbox
 import signal
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 
@@ -54,6 +55,19 @@ DropRule = bool | Callable[[Accepted], bool]
 DelayRule = float | Callable[[Accepted], float]
 
 
+class Hold:
+    """DATA answers held back from a given message on, until the test lets them go."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after  # the first `after` messages are answered as usual
+        self.holding = threading.Event()  # set once a message waits for its answer
+        self.released = threading.Event()
+
+    def release(self) -> None:
+        """Answer the held messages, and every later one, as usual."""
+        self.released.set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port on host that nothing listens on right now."""
     # aiosmtpd's Controller cannot take port 0, so ask the kernel for one and release it.
@@ -74,7 +88,10 @@ class RecordingRelay:
     of the message) records the message, then waits that long before answering the final
     ".". closing, when true, has every MAIL's RCPT answered by closing the connection: a
     relay going down, whose clients learn before sending a message that it has nothing.
-    All of these may be changed while running.
+    close_next, when above 0, does the same to that many RCPTs, counting down, and the
+    relay then serves again: an outage that ends once its clients have knocked N times.
+    All of these may be changed while running. held_after(n) holds the answers to DATA
+    from the (n+1)th message on, until the test releases them.
     on_accept, if given, is called with each Accepted on the relay's event-loop thread;
     it must not call stop() (stop waits for that thread).
 
@@ -125,6 +142,9 @@ class RecordingRelay:
         self._per_address: Counter[str] = Counter()
         self._rcpts: Counter[str] = Counter()
         self.closing = False
+        self.close_next = 0
+        self.closed_rcpts = 0  # RCPTs answered by closing the connection
+        self._holds: list[Hold] = []
         self._controller: _Controller | None = None
 
     def start(self) -> RecordingRelay:
@@ -150,6 +170,8 @@ class RecordingRelay:
         controller, self._controller = self._controller, None
         if controller is None:
             return
+        for hold in list(self._holds):  # a test that fails while holding must not hang
+            hold.release()
         if graceful:
             self.closing = True
             deadline = time.monotonic() + timeout_s
@@ -165,6 +187,21 @@ class RecordingRelay:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    @contextlib.contextmanager
+    def held_after(self, count: int) -> Iterator[Hold]:
+        """Answer DATA for `count` messages, then hold every later answer until released.
+
+        The held messages are recorded (count() includes them); their clients wait for the
+        answer. Leaving the block releases them, whatever happened inside it.
+        """
+        hold = Hold(count)
+        self._holds.append(hold)
+        try:
+            yield hold
+        finally:
+            hold.release()
+            self._holds.remove(hold)
 
     def messages(self) -> list[Accepted]:
         """Return a copy of the accepted messages, oldest first."""
@@ -198,12 +235,33 @@ class RecordingRelay:
                 return reply
         return None
 
-    def _record(self, message: Accepted) -> None:
+    def _record(self, message: Accepted) -> int:
+        """Record a message; return how many have been accepted, this one included."""
         with self._lock:
             self._messages.append(message)
             self._per_address.update(address.lower() for address in message.rcpt_tos)
+            ordinal = len(self._messages)
         if self.on_accept is not None:
             self.on_accept(message)
+        return ordinal
+
+    def _closes(self) -> bool:
+        """Tell whether this RCPT is to be answered by closing the connection."""
+        if not self.closing and self.close_next <= 0:
+            return False
+        if not self.closing:
+            self.close_next -= 1
+        with self._lock:
+            self.closed_rcpts += 1
+        return True
+
+    async def _wait_if_held(self, ordinal: int) -> None:
+        """Wait while a hold covers the ordinal-th message."""
+        for hold in list(self._holds):
+            if ordinal > hold.after:
+                hold.holding.set()
+                while not hold.released.is_set():
+                    await asyncio.sleep(0.01)  # asyncio's: the other connections go on
 
     def _should_drop(self, message: Accepted) -> bool:
         rule = self.drop_after_data
@@ -271,7 +329,7 @@ class _Handler:
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
         # A relay going down: the client hears nothing, before it has sent any message.
-        if self.relay.closing:
+        if self.relay._closes():
             server.transport.close()
             return "421 closing"
 
@@ -294,7 +352,7 @@ class _Handler:
             received_at=time.monotonic(),
             connection=self._connection_number(session),
         )
-        self.relay._record(accepted)
+        ordinal = self.relay._record(accepted)
 
         # The relay has the message, but the client never hears so: its in-doubt window.
         if self.relay._should_drop(accepted):
@@ -305,6 +363,7 @@ class _Handler:
         delay_s = self.relay._delay_s(accepted)
         if delay_s > 0:
             await asyncio.sleep(delay_s)
+        await self.relay._wait_if_held(ordinal)
         return "250 OK: queued"
 
 

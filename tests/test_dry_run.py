@@ -5,7 +5,7 @@ from __future__ import annotations
 import pika
 import pika.exceptions
 
-from tests.conftest import people, write_csv, write_template
+from tests.conftest import TEMPLATE, people, write_csv, write_template
 
 
 def queue_exists(url: str, name: str) -> bool:
@@ -62,3 +62,41 @@ def test_a_dry_run_needs_no_relay_password(job, tmp_path, monkeypatch):
 
     assert result.returncode == 0, result.stderr
     assert job.relay.count() == 0
+
+
+def test_a_dry_run_names_the_file_and_row_of_a_later_recipient_it_cannot_render(job, tmp_path):
+    rows = [{**person, "language": "en"} for person in people(10)]
+    rows[6]["language"] = "fr"  # on line 8 of the file, after the header and six rows
+    source = write_csv(tmp_path / "list.csv", rows)
+    # The greeting comes from a table in the template, which has no French.
+    template = write_template(
+        tmp_path / "template.txt",
+        TEMPLATE.replace(
+            "Dear {{ name }}", '{{ {"en": "Dear", "de": "Liebe"}[language] }} {{ name }}'
+        ),
+    )
+
+    result = job.run(source, template, "--dry-run")
+
+    assert result.returncode == 2, result.stderr
+    [error] = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert f"{source}: row 8 (person6@example.com): {template}: " in error
+    assert "'fr'" in error
+    assert "9 messages rendered, 1 could not be" in result.stderr
+    assert "To: person0@example.com" in result.stdout  # the first message is still shown
+    assert job.relay.count() == 0
+    assert not job.folder.exists()
+
+
+def test_a_dry_run_touches_no_broker_even_an_unreachable_one(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(5))
+    template = write_template(tmp_path / "template.txt")
+    nowhere = "amqp://guest:guest@127.0.0.1:1/%2F"  # nothing listens on port 1
+
+    result = job.run(source, template, "--dry-run", "--amqp-url", nowhere)
+
+    assert result.returncode == 0, result.stderr
+    assert "5 messages rendered" in result.stderr
+    assert "To: person0@example.com" in result.stdout
+    assert job.relay.count() == 0
+    assert not job.folder.exists()

@@ -15,10 +15,11 @@ from tests.conftest import (
     RUN_TIMEOUT_S,
     batch_in_background,
     people,
+    wait_until,
     write_csv,
     write_template,
 )
-from tests.test_report import counts_in, report, wait_for_sent_lines
+from tests.test_report import counts_in, report
 
 CHROMIUM = Path("/usr/bin/chromium")
 # As root, without a sandbox; and without the background connections a closed network refuses.
@@ -249,26 +250,34 @@ def test_a_hostile_reply_shows_as_text_runs_nothing_and_the_page_fetches_nothing
 
 
 @pytest.mark.timeout(TEST_TIMEOUT_S)
-def test_the_page_of_a_running_campaign_shows_the_recipients_still_queued(
-    slow_job, tmp_path, browser
-):
+def test_the_page_of_a_running_campaign_shows_the_recipients_still_queued(job, tmp_path, browser):
     source = write_csv(tmp_path / "list.csv", people(300))
     template = write_template(tmp_path / "template.txt")
-    args = slow_job.args(source, template, "--workers", "2")
-    with batch_in_background(args, tmp_path / "run.log") as process:
-        wait_for_sent_lines(slow_job.folder / "sent-log.csv", 30, process)
-        midway = html_report(slow_job.folder, tmp_path / "midway.html")
+    args = job.args(source, template, "--workers", "2")
+
+    # The relay holds its answers after 30 messages: both workers wait, each with one claimed.
+    with (
+        job.relay.held_after(30) as hold,
+        batch_in_background(args, tmp_path / "run.log") as process,
+    ):
+        wait_until(lambda: job.relay.count() == 32, "both workers wait for the relay", process)
+        midway = html_report(job.folder, tmp_path / "midway.html")
+        hold.release()
         assert process.wait(timeout=RUN_TIMEOUT_S) == 0
 
     opened = Opened(browser, tmp_path / "midway.html")
     shown = {name: int(number) for name, number in opened.counts().items() if number.isdigit()}
     assert shown == counts_in(midway.stdout)
-    assert shown["recipients"] == 300
-    assert 30 <= shown["sent"] < 300
-    assert shown["queued"] >= 1
-    assert set(shown) - {"recipients", "refused rows"} <= {"sent", "claimed", "queued"}
-    assert sum(shown.get(status, 0) for status in ("sent", "claimed", "queued")) == 300
-    assert sum(sent for sent, _ in drawn_bars(opened)) == shown["sent"]
+    assert shown == {"recipients": 300, "sent": 30, "claimed": 2, "queued": 268, "refused rows": 0}
+    assert sum(sent for sent, _ in drawn_bars(opened)) == 30
+    opened.close()
+
+    # Once the relay answers again, the run ends and the page has everyone sent.
+    after = html_report(job.folder, tmp_path / "after.html")
+    opened = Opened(browser, tmp_path / "after.html")
+    shown = {name: int(number) for name, number in opened.counts().items() if number.isdigit()}
+    assert shown == counts_in(after.stdout) == {"recipients": 300, "sent": 300, "refused rows": 0}
+    assert sum(sent for sent, _ in drawn_bars(opened)) == 300 == job.relay.count()
     opened.close()
 
 

@@ -1,0 +1,105 @@
+"""A rerun with other options meets the messages an interrupted run left in the queue.
+
+Workers start taking messages before the loader has read the list, so what decides
+whether a leftover message may go out is checked where each message is taken: the
+limit by the recipient's place in the list, the suppression list by the claim.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from tests.conftest import (
+    RUN_TIMEOUT_S,
+    batch_in_background,
+    people,
+    received_counts,
+    wait_until,
+    write_csv,
+    write_template,
+)
+
+COUNT = 40
+STOPPING = "stopping: finishing the message in hand"  # a worker's debug line
+
+
+def interrupt_with_a_full_queue(job, source: Path, template: Path, log_path: Path) -> set[str]:
+    """Run the job, stop it with SIGTERM while most messages are queued; return whom it mailed.
+
+    The relay answers two messages and holds the next answers, so both workers are stuck
+    in a message while the loader queues the whole list; the answers come once both
+    workers have stopped taking messages.
+    """
+    args = job.args(source, template, "--workers", "2", "-v")
+    with job.relay.held_after(2) as hold, batch_in_background(args, log_path) as process:
+        wait_until(hold.holding.is_set, "a message was held", process)
+        wait_until((job.folder / "loaded.json").exists, "the list was queued", process)
+        os.kill(process.pid, signal.SIGTERM)
+        wait_until(lambda: log_path.read_text().count(STOPPING) == 2, "both workers", process)
+        hold.release()
+        assert process.wait(RUN_TIMEOUT_S) == 75, log_path.read_text()
+    mailed = set(received_counts(job.relay))
+    assert len(mailed) <= 4, f"{len(mailed)} mailed: the queue was not full when the run stopped"
+    return mailed
+
+
+def test_a_rerun_with_a_limit_mails_only_the_first_n_though_the_queue_holds_more(job, tmp_path):
+    rows = people(COUNT)
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+    addresses = [r["email"] for r in rows]
+    mailed = interrupt_with_a_full_queue(job, source, template, tmp_path / "first.log")
+
+    limited = job.run(source, template, "--workers", "2", "--limit", "10")
+
+    assert limited.returncode == 0, limited.stderr
+    assert received_counts(job.relay) == dict.fromkeys(mailed | set(addresses[:10]), 1)
+    left = len(set(addresses[10:]) - mailed)
+    assert f"{left} left for a later run by --limit 10" in limited.stderr
+
+    rest = job.run(source, template, "--workers", "2")
+
+    assert rest.returncode == 0, rest.stderr
+    assert received_counts(job.relay) == dict.fromkeys(addresses, 1)
+    assert set(job.final_statuses().values()) == {"sent"}
+
+
+def test_a_suppressed_address_left_queued_by_an_earlier_run_is_never_mailed(job, tmp_path):
+    rows = people(COUNT)
+    template = write_template(tmp_path / "template.txt")
+    first_source = write_csv(tmp_path / "list.csv", rows)
+    mailed = interrupt_with_a_full_queue(job, first_source, template, tmp_path / "first.log")
+
+    # The operator takes two people off the list and onto the suppression list. Their
+    # messages are still queued: only the claim can stop them now.
+    gone = {"person29@example.com", "person39@example.com"}
+    assert not gone & mailed
+    source = write_csv(tmp_path / "list.csv", [r for r in rows if r["email"] not in gone])
+    suppress = tmp_path / "suppressed.txt"
+    suppress.write_text("Person29@Example.com\nperson39@example.com\n", encoding="utf-8")
+
+    result = job.run(source, template, "--workers", "2", "--suppress", str(suppress))
+
+    assert result.returncode == 0, result.stderr
+    counts = received_counts(job.relay)
+    assert counts["person29@example.com"] == counts["person39@example.com"] == 0
+    assert counts == dict.fromkeys([r["email"] for r in rows if r["email"] not in gone], 1)
+    statuses = job.final_statuses()
+    assert statuses["person29@example.com"] == statuses["person39@example.com"] == "suppressed"
+    suppressed = [row for row in job.sent_log() if row["status"] == "suppressed"]
+    assert all(str(suppress) in row["smtp_reply"] for row in suppressed)
+
+
+def test_a_rerun_without_the_suppression_list_suppresses_nobody_new(job, tmp_path):
+    rows, template = people(6), write_template(tmp_path / "template.txt")
+    source = write_csv(tmp_path / "list.csv", rows)
+    suppress = tmp_path / "suppressed.txt"
+    suppress.write_text("person1@example.com\n", encoding="utf-8")
+    assert job.run(source, template, "--suppress", str(suppress), "--limit", "1").returncode == 0
+
+    result = job.run(source, template)
+
+    assert result.returncode == 0, result.stderr
+    assert received_counts(job.relay) == dict.fromkeys([r["email"] for r in rows], 1)
