@@ -7,42 +7,30 @@ attachments may go with it. Everything that is the same for every recipient is c
 once; per recipient only the rendered headers and bodies, `To`, `Date` and `Message-ID`
 are stamped.
 
-Header values are rendered, then any line break in them becomes a space, so no column
-value can add a header or a recipient. In From, Reply-To and Sender only the display names
-are encoded, never the addresses, so that a mail program can still read them.
+Header values are rendered, then written by `batch.headers`, which turns any line break
+into a space, so no column value can add a header or a recipient.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from email.header import Header
-from email.utils import formataddr, formatdate, getaddresses, unquote
+from email.utils import formatdate
 from pathlib import Path
 
 import jinja2
 import jinja2.meta
 
 from batch.errors import TemplateError
-from batch.mime import (
-    CONTROL_CHARACTERS,
-    MAX_LINE_BYTES,
-    Attachment,
-    Layout,
-    Part,
-    read_attachment,
-)
+from batch.headers import header_line, mailboxes
+from batch.mime import Attachment, Layout, Part, read_attachment
 from batch.recipients import envelope_form
 from batch.unsubscribe import Unsubscribe
 
 FORBIDDEN_HEADERS = frozenset({"to", "cc", "bcc", "message-id", "date", "mime-version"})
 CONTENT_HEADERS = frozenset({"content-type", "content-transfer-encoding"})
-ADDRESS_HEADERS = frozenset({"from", "reply-to", "sender"})
-PLAIN_ADDRESS = re.compile(r"[^\s<>()\[\],;:\"@]+@[^\s<>()\[\],;:\"@]+")
-MAX_ADDRESS_CHARS = 254  # RFC 5321's longest path, less its angle brackets
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +81,10 @@ class Template:
                     raise TemplateError(
                         f"{self.name}: the From address must not use list columns"
                     ) from None
-                mailboxes = _mailboxes(value)
-                if len(mailboxes) != 1:
+                found = mailboxes(value)
+                if len(found) != 1:
                     raise TemplateError(f"{self.name}: From needs one usable address: {value!r}")
-                return mailboxes[0][1]
+                return found[0][1]
         raise TemplateError(f"{self.name}: the template has no From: header")
 
     def check_columns(self, columns: set[str], source: str) -> None:
@@ -219,7 +207,7 @@ class Composer:
         self.campaign = campaign
         self._domain = template.sender.rpartition("@")[2]
         self._headers: list[tuple[str, jinja2.Template | None, str]] = [
-            (name, tmpl, "" if names else _header(name, tmpl.render()))
+            (name, tmpl, "" if names else header_line(name, tmpl.render()))
             for (name, tmpl), names in zip(
                 template.headers, template.header_variables, strict=True
             )
@@ -247,7 +235,7 @@ class Composer:
         """Render the template for one recipient and encode it for SMTP."""
         try:
             lines = [
-                static or _header(name, tmpl.render(fields))
+                static or header_line(name, tmpl.render(fields))
                 for name, tmpl, static in self._headers
             ]
             text = self._body or self._layout.encode(self.template.body.render(fields))
@@ -335,67 +323,3 @@ def _split(text: str, name: str) -> tuple[list[tuple[str, str, int]], str, int]:
             raise TemplateError(f"{name}: line {number}: the {field} header is set by the job")
         headers.append((field, value.strip(), number))
     raise TemplateError(f"{name}: no blank line between the headers and the body")
-
-
-def _header(name: str, value: str) -> str:
-    """Encode one header on one logical line; line breaks in the value become spaces.
-
-    A value that is not plain ASCII, looks like an encoded word already ("=?"), or holds a
-    word too long to fold within 998 bytes goes out as RFC 2047 encoded words, which a mail
-    program shows exactly as the column held it. In an address header only names are.
-    """
-    value = " ".join(CONTROL_CHARACTERS.sub(" ", value).split())
-    mailboxes = _mailboxes(value) if name.lower() in ADDRESS_HEADERS else []
-    if mailboxes:
-        written = [_mailbox(name, display, address) for display, address in mailboxes]
-        return f"{name}: " + ",\r\n ".join(written)
-
-    plain = value.isascii() and "=?" not in value
-    if plain and len(name) + len(value) < 76:
-        return f"{name}: {value}"
-    if plain:
-        folded = Header(value, "us-ascii", header_name=name).encode(linesep="\r\n")
-        if all(len(line) <= MAX_LINE_BYTES - len(name) - 2 for line in folded.split("\r\n")):
-            return f"{name}: {folded}"
-    encoded = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
-    return f"{name}: {encoded}"
-
-
-def _mailboxes(value: str) -> list[tuple[str, str]]:
-    """Read an address header's (display name, address) pairs; none if it holds no address.
-
-    getaddresses splits "Smith, John <j@x.example>" at its unquoted comma, though whoever
-    typed it meant one mailbox: when the parts are not all addresses, a value ending in one
-    <address> is that mailbox, with all before the "<" as its display name.
-    """
-    pairs = getaddresses([value])
-    if pairs and all(_usable(address) for _, address in pairs):
-        return pairs
-    display, bracket, address = value.partition("<")
-    if bracket and address.endswith(">") and _usable(address[:-1]):
-        return [(unquote(display.strip()), address[:-1])]
-    return []
-
-
-def _usable(address: str) -> bool:
-    """Tell whether an address can go into a header as it is: one plain addr-spec."""
-    return len(address) <= MAX_ADDRESS_CHARS and PLAIN_ADDRESS.fullmatch(address) is not None
-
-
-def _mailbox(name: str, display: str, address: str) -> str:
-    """Write one mailbox of an address header, its display name encoded once at most.
-
-    A name that is not ASCII, looks like an encoded word or is too long for a line goes as
-    RFC 2047 words, which Header keeps within 75 characters each (formataddr would write one
-    word of any length). The address is never encoded: an IDN domain goes in ASCII, a local
-    part with non-ASCII letters in UTF-8, the only form it has (RFC 6532).
-    """
-    address = envelope_form(address)
-    if not display:
-        return address
-    if display.isascii() and "=?" not in display and address.isascii():
-        mailbox = formataddr((display, address))  # quoted where the name needs it
-        if len(mailbox) <= MAX_LINE_BYTES - len(name) - 2:
-            return mailbox
-    encoded = Header(display, "utf-8").encode(linesep="\r\n")
-    return f"{encoded} <{address}>"
