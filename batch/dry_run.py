@@ -47,9 +47,10 @@ def dry_run(
         log.warning("%s: row %d refused: %s", recipients.source, rejection.row,
                     rejection.reason)  # fmt: skip
     log.info(
-        "dry run of campaign %s: %d messages rendered, %d could not be, %d rows refused, "
+        "dry run of campaign %s: %d %s rendered, %d could not be, %d rows refused, "
         "%d suppressed; nothing was sent or queued",
-        composer.campaign, rendered, unrenderable, len(recipients.rejections), suppressed,
+        composer.campaign, rendered, "message" if rendered == 1 else "messages", unrenderable,
+        len(recipients.rejections), suppressed,
     )  # fmt: skip
     return ExitCode.USAGE if unrenderable else ExitCode.OK
 

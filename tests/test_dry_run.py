@@ -55,12 +55,13 @@ def test_a_dry_run_then_a_real_run_mails_everyone_once(job, tmp_path):
 
 def test_a_dry_run_needs_no_relay_password(job, tmp_path, monkeypatch):
     monkeypatch.delenv("MASSMAIL_SMTP_PASSWORD", raising=False)
-    source = write_csv(tmp_path / "list.csv", people(3))
+    source = write_csv(tmp_path / "list.csv", people(1))
     template = write_template(tmp_path / "template.txt")
 
     result = job.run(source, template, "--dry-run", "--smtp-user", "mailer@example.com")
 
     assert result.returncode == 0, result.stderr
+    assert "1 message rendered, 0 could not be" in result.stderr
     assert job.relay.count() == 0
 
 
