@@ -149,6 +149,10 @@ class Mailer:
         except (OSError, smtplib.SMTPServerDisconnected) as error:
             self._drop()
             return Attempt(Result.IN_DOUBT, None, f"no answer to the end of DATA: {error}")
+        if code < 0:  # smtplib's -1: a line without a reply code, which says nothing
+            self._drop()
+            text = _reply_text(code, reply)
+            return Attempt(Result.IN_DOUBT, None, f"unreadable answer to the end of DATA: {text}")
         return self._verdict(code, reply, accepted=(250,))
 
     def _envelope(

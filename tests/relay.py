@@ -90,8 +90,10 @@ class RecordingRelay:
     relay going down, whose clients learn before sending a message that it has nothing.
     close_next, when above 0, does the same to that many RCPTs, counting down, and the
     relay then serves again: an outage that ends once its clients have knocked N times.
-    All of these may be changed while running. held_after(n) holds the answers to DATA
-    from the (n+1)th message on, until the test releases them.
+    data_answer, if set, is the line the relay answers the final "." with instead of 250,
+    say one without a reply code. All of these may be changed while running.
+    held_after(n) holds the answers to DATA from the (n+1)th message on, until the test
+    releases them.
     on_accept, if given, is called with each Accepted on the relay's event-loop thread;
     it must not call stop() (stop waits for that thread).
 
@@ -126,6 +128,7 @@ class RecordingRelay:
         }
         self.drop_after_data: DropRule = drop_after_data
         self.data_delay_s: DelayRule = data_delay_s
+        self.data_answer: str | None = None
         self.on_accept = on_accept
         self.login = login
         self._ssl_context = ssl_context
@@ -364,7 +367,7 @@ class _Handler:
         if delay_s > 0:
             await asyncio.sleep(delay_s)
         await self.relay._wait_if_held(ordinal)
-        return "250 OK: queued"
+        return self.relay.data_answer or "250 OK: queued"
 
 
 def _serve_until_signalled(relay: RecordingRelay) -> None:

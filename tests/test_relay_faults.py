@@ -263,6 +263,22 @@ def test_a_message_whose_answer_is_lost_is_in_doubt_and_resent_only_when_asked(j
     assert job.relay.count() == 21
 
 
+def test_an_answer_to_data_without_a_reply_code_is_in_doubt_and_never_taken_for_a_4xx(
+    job, tmp_path
+):
+    source, template, addresses = mailing(tmp_path, 5)
+    job.relay.data_answer = "queued, thanks"  # the message is in; the line says nothing
+
+    result = job.run(source, template, "--workers", "2", "--retry-delay", "1")
+
+    # A 4xx would be retried and mailed again: after the final "." nobody can know.
+    assert result.returncode == 1, result.stderr
+    assert received_counts(job.relay) == dict.fromkeys(addresses, 1)
+    assert set(job.final_statuses().values()) == {"in-doubt"}
+    replies = {row["smtp_reply"] for row in job.sent_log() if row["status"] == "in-doubt"}
+    assert all(reply.startswith("unreadable answer to the end of DATA") for reply in replies)
+
+
 def test_a_relay_down_at_start_is_a_temporary_failure_and_a_later_rerun_sends_everyone(
     job, tmp_path
 ):
