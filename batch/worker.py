@@ -247,6 +247,8 @@ class Worker:
         self.ledger.record(recipient, message_id, outcome)
         if attempt.result is Result.NOT_REACHED:
             # The delivery stays unacked and goes back to the queue when this worker stops.
+            if self.leaving.is_set():
+                return
             raise Unavailable(f"{attempt.reply} (for {self.settings.reconnect_for_s:.0f} s)")
         if outcome.status is Status.DEFERRED:
             self._flush()
@@ -286,9 +288,11 @@ class Worker:
                 return attempt
             if time.monotonic() + pause > deadline:
                 return attempt
-            # Nothing reached the relay, so the same claim may carry a second try.
+            # Nothing reached the relay, so the same claim may carry a second try, unless
+            # the worker is told to stop: the launcher would not wait out the retries.
             log.warning("%s; trying again in %.1f s", attempt.reply, pause)
-            time.sleep(pause)
+            if self.leaving.wait(pause):
+                return attempt
             pause = min(pause * 2, 10)
 
     def _outcome(self, attempt: Attempt, delivery: Delivery) -> Outcome:

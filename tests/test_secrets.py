@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import signal
 import ssl
 import stat
 import subprocess
@@ -20,11 +21,14 @@ from cryptography.x509.oid import NameOID
 
 from tests.conftest import (
     ROOT,
+    RUN_TIMEOUT_S,
     Job,
+    batch_in_background,
     delete_queues,
     people,
     received_counts,
     run_batch,
+    wait_until,
     write_csv,
     write_template,
 )
@@ -137,6 +141,44 @@ def test_a_login_refused_mid_run_leaves_its_recipients_unsent_and_a_rerun_sends_
     assert rerun.returncode == 0, rerun.stderr
     assert received_counts(relay) == dict.fromkeys([r["email"] for r in rows], 1)
     assert set(login_job.final_statuses().values()) == {"sent"}
+
+
+def test_a_run_stopped_while_it_waits_out_a_refused_login_leaves_nobody_in_doubt(
+    login_job, tmp_path, relay_password, monkeypatch
+):
+    rows = people(6)
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+    relay = login_job.relay
+
+    def change_password_after_two(_message) -> None:
+        if relay.count() >= 2:
+            relay.login = (RELAY_USER, f"changed-{uuid.uuid4().hex}")
+
+    relay.on_accept = change_password_after_two
+    monkeypatch.setenv("MASSMAIL_SMTP_PASSWORD", relay_password)
+    # The retries would outlast the launcher's patience with a stopping worker (the SMTP
+    # timeout and 30 s): the worker must give them up when told to stop.
+    args = login_job.args(
+        source, template, "--smtp-user", RELAY_USER, "--workers", "1",
+        "--max-per-connection", "2", "--reconnect-for", "600", "--smtp-timeout", "2",
+    )  # fmt: skip
+    log_path = tmp_path / "run.log"
+    with batch_in_background(args, log_path) as process:
+        wait_until(lambda: "trying again in" in log_path.read_text(), "a login retry", process)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(RUN_TIMEOUT_S) == 75, log_path.read_text()
+
+    assert relay.count() == 2
+    assert [row for row in login_job.sent_log() if row["status"] == "in-doubt"] == []
+    assert "was killed" not in log_path.read_text()
+
+    relay.on_accept = None
+    relay.login = (RELAY_USER, relay_password)
+    rerun = run_batch(args)
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert received_counts(relay) == dict.fromkeys([r["email"] for r in rows], 1)
 
 
 def test_an_unreachable_broker_is_named_without_its_password(job, tmp_path):
