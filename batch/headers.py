@@ -11,6 +11,7 @@ import re
 from email.header import Header
 from email.utils import formataddr, getaddresses, unquote
 
+from batch.errors import TemplateError
 from batch.mime import CONTROL_CHARACTERS, MAX_LINE_BYTES
 from batch.recipients import envelope_form
 
@@ -24,11 +25,16 @@ def header_line(name: str, value: str) -> str:
 
     A value that is not plain ASCII, looks like an encoded word already ("=?"), or holds a
     word too long to fold within 998 bytes goes out as RFC 2047 encoded words, which a mail
-    program shows exactly as the column held it. In an address header only names are.
+    program shows exactly as the column held it. In an address header only names are, and
+    a value with no readable address is refused (TemplateError); an empty one gives "".
     """
     value = " ".join(CONTROL_CHARACTERS.sub(" ", value).split())
-    found = mailboxes(value) if name.lower() in ADDRESS_HEADERS else []
-    if found:
+    if name.lower() in ADDRESS_HEADERS:
+        if not value:
+            return ""  # an empty column: no such header, rather than an empty one
+        found = mailboxes(value)
+        if not found:
+            raise TemplateError(f"{name}: no address a mail program could read in {value!r}")
         written = [_mailbox(name, display, address) for display, address in found]
         return f"{name}: " + ",\r\n ".join(written)
 

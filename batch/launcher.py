@@ -101,8 +101,9 @@ class Launcher:
         self._check_columns(parts)
         self.suppressions = Suppressions.read(s.suppress) if s.suppress else None
         campaign = s.campaign or derive_campaign(s, parts)
+        composer = parts.composer(campaign)  # refuses a fixed header it cannot write
         if s.dry_run:
-            return dry_run(parts.composer(campaign), self._recipients(), self.suppressions)
+            return dry_run(composer, self._recipients(), self.suppressions)
         folder = campaign_folder(s.state_dir, campaign)
 
         lock = FileLock(folder / "run.lock")

@@ -205,9 +205,9 @@ class Composer:
         self.html = html
         self.unsubscribe = unsubscribe
         self.campaign = campaign
-        self._domain = template.sender.rpartition("@")[2]
+        self._domain = envelope_form(template.sender).rpartition("@")[2]  # an IDN in ASCII
         self._headers: list[tuple[str, jinja2.Template | None, str]] = [
-            (name, tmpl, "" if names else header_line(name, tmpl.render()))
+            (name, tmpl, "" if names else self._header_line(name, tmpl.render()))
             for (name, tmpl), names in zip(
                 template.headers, template.header_variables, strict=True
             )
@@ -235,7 +235,7 @@ class Composer:
         """Render the template for one recipient and encode it for SMTP."""
         try:
             lines = [
-                static or header_line(name, tmpl.render(fields))
+                static or self._header_line(name, tmpl.render(fields))
                 for name, tmpl, static in self._headers
             ]
             text = self._body or self._layout.encode(self.template.body.render(fields))
@@ -253,8 +253,15 @@ class Composer:
             lines.extend(self._links or self.unsubscribe.headers(fields))
         mime_headers, payload = self._layout.assemble(text, html)
         lines.extend(mime_headers)
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+        head = ("\r\n".join(line for line in lines if line) + "\r\n\r\n").encode("utf-8")
         return Letter(self.template.sender, recipient, message_id, head + payload)
+
+    def _header_line(self, name: str, value: str) -> str:
+        """Write one header of the template, naming the template if it cannot be written."""
+        try:
+            return header_line(name, value)
+        except TemplateError as error:
+            raise TemplateError(f"{self.template.name}: {error}") from None
 
     def _html_part(self, html: HtmlTemplate, fields: Mapping[str, str]) -> Part:
         """Render and encode the HTML body for one recipient, unless it is the same for all."""

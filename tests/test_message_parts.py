@@ -9,7 +9,7 @@ import re
 from email.utils import parsedate_to_datetime
 from urllib.parse import quote
 
-from tests.conftest import people, write_csv, write_template
+from tests.conftest import people, received_counts, write_csv, write_template
 
 TEMPLATE = """\
 From: Test Sender <sender@example.com>
@@ -95,6 +95,60 @@ def test_a_reply_to_column_with_a_comma_in_its_display_name_is_one_address(job, 
     [accepted] = job.relay.messages()
     [reply_to] = parsed(accepted.content)["Reply-To"].addresses
     assert (reply_to.display_name, reply_to.addr_spec) == ("Smith, John", "j@x.example")
+
+
+def test_a_reply_to_column_without_a_readable_address_fails_that_recipient_alone(job, tmp_path):
+    rows = [
+        {"email": "ann@example.com", "reply_to": "Müller, Hans <hans@example.com>, Team"},
+        {"email": "bob@example.com", "reply_to": ""},
+        {"email": "cat@example.com", "reply_to": "desk@example.com"},
+    ]
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(
+        tmp_path / "template.txt",
+        "From: Test Sender <sender@example.com>\nReply-To: {{ reply_to }}\nSubject: Hi\n\nHi.\n",
+    )
+
+    result = job.run(source, template)
+
+    # Encoding the value whole would hide its addresses in an encoded word, or turn its
+    # words into addresses: Ann's message is not sent at all, and says why.
+    assert result.returncode == 1, result.stderr
+    assert received_counts(job.relay) == {"bob@example.com": 1, "cat@example.com": 1}
+    [ann] = [row for row in job.sent_log() if row["recipient"] == "ann@example.com"][-1:]
+    assert ann["status"] == "failed"
+    assert f"{template}: Reply-To: no address a mail program could read" in ann["smtp_reply"]
+    by_recipient = {m.rcpt_tos[0]: parsed(m.content) for m in job.relay.messages()}
+    assert "Reply-To" not in by_recipient["bob@example.com"]  # an empty column: no header
+    assert by_recipient["cat@example.com"]["Reply-To"] == "desk@example.com"
+
+
+def test_a_fixed_reply_to_without_an_address_is_refused_before_anything_is_sent(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(2))
+    template = write_template(
+        tmp_path / "template.txt",
+        "From: Test Sender <sender@example.com>\nReply-To: the help desk\nSubject: Hi\n\nHi.\n",
+    )
+
+    result = job.run(source, template)
+
+    assert_refused_and_nothing_sent(
+        job, result, f"{template}: Reply-To: no address a mail program could read"
+    )
+
+
+def test_a_sender_domain_outside_ascii_gives_an_ascii_message_id(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(1))
+    template = write_template(
+        tmp_path / "template.txt", "From: Bücher <news@bücher.example>\nSubject: Hi\n\nHi.\n"
+    )
+
+    result = job.run(source, template)
+
+    assert result.returncode == 0, result.stderr
+    [accepted] = job.relay.messages()
+    message_id = raw_header(accepted.content, "Message-ID")
+    assert message_id.isascii() and message_id.endswith(b"@xn--bcher-kva.example>")
 
 
 def test_each_message_has_one_date_that_a_mail_program_reads_with_its_time_zone(job, tmp_path):
