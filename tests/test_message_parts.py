@@ -49,6 +49,12 @@ def raw_header(content: bytes, name: str) -> bytes:
     return re.search(pattern, head, re.S).group(1)
 
 
+def reply_to_template(tmp_path, reply_to: str):
+    """Write a short template whose Reply-To header is reply_to."""
+    text = f"From: Test Sender <sender@example.com>\nReply-To: {reply_to}\nSubject: Hi\n\nHi.\n"
+    return write_template(tmp_path / "template.txt", text)
+
+
 def assert_refused_and_nothing_sent(job, result, *parts: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -84,10 +90,7 @@ def test_a_from_name_outside_ascii_shows_intact_and_goes_as_an_ascii_encoded_wor
 def test_a_reply_to_column_with_a_comma_in_its_display_name_is_one_address(job, tmp_path):
     rows = [{"email": "ann@example.com", "reply_to": "Smith, John <j@x.example>"}]
     source = write_csv(tmp_path / "list.csv", rows)
-    template = write_template(
-        tmp_path / "template.txt",
-        "From: Test Sender <sender@example.com>\nReply-To: {{ reply_to }}\nSubject: Hi\n\nHi.\n",
-    )
+    template = reply_to_template(tmp_path, "{{ reply_to }}")
 
     result = job.run(source, template)
 
@@ -104,10 +107,7 @@ def test_a_reply_to_column_without_a_readable_address_fails_that_recipient_alone
         {"email": "cat@example.com", "reply_to": "desk@example.com"},
     ]
     source = write_csv(tmp_path / "list.csv", rows)
-    template = write_template(
-        tmp_path / "template.txt",
-        "From: Test Sender <sender@example.com>\nReply-To: {{ reply_to }}\nSubject: Hi\n\nHi.\n",
-    )
+    template = reply_to_template(tmp_path, "{{ reply_to }}")
 
     result = job.run(source, template)
 
@@ -125,10 +125,7 @@ def test_a_reply_to_column_without_a_readable_address_fails_that_recipient_alone
 
 def test_a_fixed_reply_to_without_an_address_is_refused_before_anything_is_sent(job, tmp_path):
     source = write_csv(tmp_path / "list.csv", people(2))
-    template = write_template(
-        tmp_path / "template.txt",
-        "From: Test Sender <sender@example.com>\nReply-To: the help desk\nSubject: Hi\n\nHi.\n",
-    )
+    template = reply_to_template(tmp_path, "the help desk")
 
     result = job.run(source, template)
 
