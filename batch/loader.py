@@ -151,7 +151,7 @@ class Loader:
 
     def _hold(self, addresses: list[str]) -> None:
         """Count the unsettled recipients past the limit and leave them out of this run."""
-        self.counts.held += self.ledger.hold(addresses)
+        self.counts.held += self.ledger.leave_out(addresses)
         addresses.clear()
 
 

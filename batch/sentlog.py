@@ -21,6 +21,7 @@ from it, and the launcher rebuilds it from the CSV at the start of every run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -31,7 +32,6 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -179,14 +179,14 @@ class SentLog:
             return {}
         with self._locked():
             known = self._known(recipients)
-            with self._index:
+            with self._transaction():
                 self._index.executemany(
                     "INSERT OR IGNORE INTO recipients (address, status) VALUES (?, ?)",
                     [(r, QUEUED) for r in recipients if r not in known],
                 )
         return {r: known.get(r, QUEUED) for r in recipients if known.get(r) not in self._settled}
 
-    def hold(self, recipients: Iterable[str]) -> int:
+    def leave_out(self, recipients: Iterable[str]) -> int:
         """Leave the unsettled ones of these recipients out of this run; return how many.
 
         The index forgets what it knew of them, so this run neither waits for them nor
@@ -201,7 +201,7 @@ class SentLog:
             # A claim is never forgotten: its outcome is still to come.
             forget = [(r,) for r in unsettled if r in known and known[r] != Status.CLAIMED]
             if forget:
-                with self._index:
+                with self._transaction():
                     self._index.executemany("DELETE FROM recipients WHERE address = ?", forget)
         return len(unsettled)
 
@@ -227,7 +227,7 @@ class SentLog:
         Each run replaces the set: a run without a suppression list suppresses nobody new.
         """
         rows = [(compared_form(address), reason) for address in addresses]
-        with self._locked(), self._index:
+        with self._locked(), self._transaction():
             self._index.execute("DELETE FROM suppressed")
             self._index.executemany("INSERT OR IGNORE INTO suppressed VALUES (?, ?)", rows)
         self._suppressing = bool(rows)
@@ -272,8 +272,19 @@ class SentLog:
 
     # Inside the lock.
 
-    def _locked(self) -> AbstractContextManager[object]:
+    def _locked(self) -> contextlib.AbstractContextManager[object]:
         return self._lock
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Commit the index's statements inside as one; it is otherwise in autocommit mode."""
+        self._index.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._index.execute("ROLLBACK")
+            raise
+        self._index.execute("COMMIT")
 
     def _known(self, recipients: list[str]) -> dict[str, str]:
         """Look up the latest status of each of these recipients the index knows."""
@@ -321,7 +332,7 @@ class SentLog:
     def _rebuild_index(self) -> None:
         """Derive every recipient's latest status from the CSV."""
         latest = {row["recipient"]: row for row in read_rows(self.path)}
-        with self._index:
+        with self._transaction():
             self._index.execute("DELETE FROM recipients")
             self._index.executemany(
                 "INSERT INTO recipients VALUES (?, ?, ?, ?)",

@@ -229,7 +229,7 @@ class Worker:
         recipient = content["recipient"]
         message_id = self.composer.message_id(recipient)
         if not self.ledger.claim(recipient, message_id):
-            log.debug("%s is claimed or settled already; dropping the duplicate", recipient)
+            log.debug("%s is claimed, settled or suppressed; dropping its message", recipient)
             self.done.append(delivery)
             return
         self.sending = (recipient, message_id, False)
