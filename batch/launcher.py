@@ -93,6 +93,11 @@ class Launcher:
         self.unreadable = 0
         self.progress = Progress(sys.stderr, settings.verbosity, settings.source)
         self.workers = paced_workers(settings.workers, settings.rate)
+        self.prefetch = paced_prefetch(settings.prefetch, self.workers, settings.rate)
+        # Paced workers hold their deliveries unacked (out of the queue's count) while they
+        # wait for slots: no recipient counts as lost before all of those could have gone.
+        held_s = self.prefetch * self.workers / settings.rate if settings.rate else 0.0
+        self.lost_after_s = LOST_AFTER_S + held_s
 
     def run(self) -> ExitCode:
         """Check the inputs, hold the campaign's lock, and run it."""
@@ -267,7 +272,7 @@ class Launcher:
             amqp_url=s.amqp_url,
             retry_delays_s=s.retry_delays_s,
             max_attempts=s.max_attempts,
-            prefetch=paced_prefetch(s.prefetch, self.workers, s.rate),
+            prefetch=self.prefetch,
             resend_in_doubt=s.in_doubt == "resend",
             verbosity=s.verbosity,
             heartbeat_s=s.amqp_heartbeat,
@@ -320,7 +325,7 @@ class Launcher:
             if now - last_dead_letters >= DEAD_LETTERS_EVERY_S:
                 last_dead_letters = now
                 broker.take_dead(partial(self.settle_dead_letter, ledger))
-            if loader.counts.done and now - last_growth >= LOST_AFTER_S:
+            if loader.counts.done and now - last_growth >= self.lost_after_s:
                 last_growth = now
                 self._requeue_lost(ledger, broker)
 

@@ -165,6 +165,19 @@ def test_a_slow_rate_runs_only_the_workers_it_can_keep_busy(job, tmp_path):
     assert received_counts(job.relay) == {rows[0]["email"]: 1}
 
 
+def test_a_slow_paced_run_never_takes_the_messages_its_workers_hold_for_lost(job, tmp_path):
+    rows, source, template = list_and_template(tmp_path, 3)
+
+    # One every 12 s: the sent-log stays quiet longer than the launcher waits, by default,
+    # before it queues again what is neither queued nor claimed. The worker holds the rest.
+    result = job.run(source, template, "--workers", "1", "--rate", "5/min")
+
+    assert result.returncode == 0, result.stderr
+    assert "queuing them again" not in result.stderr
+    assert received_counts(job.relay) == dict.fromkeys([r["email"] for r in rows], 1)
+    assert_no_faster_than(job.relay, 5 / 60)
+
+
 def test_addresses_refused_for_good_are_exported_and_then_suppressed(job, tmp_path):
     rows, source, template = list_and_template(tmp_path, 12)
     job.relay.refuse = {
