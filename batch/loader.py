@@ -103,13 +103,13 @@ class Loader:
             if self.limit is not None and recipient.position > self.limit:
                 past_limit.append(recipient.address)
                 if len(past_limit) >= self.batch_size:
-                    self._hold(past_limit)
+                    self._leave_out(past_limit)
                 continue
             batch.append(recipient)
             if len(batch) >= self.batch_size:
                 self._publish(batch)
         self._publish(batch)
-        self._hold(past_limit)
+        self._leave_out(past_limit)
         self.counts.rows = self.recipients.seen
         self.counts.rejected = len(self.recipients.rejections)
         write_rejections(self.rejected_path, self.recipients.rejections)
@@ -149,7 +149,7 @@ class Loader:
             self.counts.settled += len(listed) - newly
         return [r for r in batch if r.address not in self.suppressions]
 
-    def _hold(self, addresses: list[str]) -> None:
+    def _leave_out(self, addresses: list[str]) -> None:
         """Count the unsettled recipients past the limit and leave them out of this run."""
         self.counts.held += self.ledger.leave_out(addresses)
         addresses.clear()
