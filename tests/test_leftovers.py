@@ -25,6 +25,12 @@ COUNT = 40
 STOPPING = "stopping: finishing the message in hand"  # a worker's debug line
 
 
+def deferred(job, recipient: str) -> bool:
+    """Tell whether the recipient's last sent-log line says deferred."""
+    log = job.folder / "sent-log.csv"
+    return log.exists() and job.final_statuses().get(recipient) == "deferred"
+
+
 def interrupt_with_a_full_queue(job, source: Path, template: Path, log_path: Path) -> set[str]:
     """Run the job, stop it with SIGTERM while most messages are queued; return whom it mailed.
 
@@ -64,6 +70,36 @@ def test_a_rerun_with_a_limit_mails_only_the_first_n_though_the_queue_holds_more
     assert rest.returncode == 0, rest.stderr
     assert received_counts(job.relay) == dict.fromkeys(addresses, 1)
     assert set(job.final_statuses().values()) == {"sent"}
+
+
+def test_a_rerun_with_a_limit_does_not_wait_for_a_recipient_past_it_left_deferred(job, tmp_path):
+    rows = people(COUNT)
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+    late = "person30@example.com"
+    job.relay.refuse = {late: (451, "4.3.0 try again later")}
+
+    # The first run sends everyone else; the late one waits a minute in a retry queue.
+    args = job.args(source, template, "--workers", "2", "--retry-delay", "60")
+    log_path = tmp_path / "first.log"
+    with batch_in_background(args, log_path) as process:
+        wait_until(lambda: deferred(job, late), "the deferral", process)
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(RUN_TIMEOUT_S) == 75, log_path.read_text()
+    assert job.relay.count() == COUNT - 1
+
+    # Past the limit, it is not this run's to wait for: the run ends at once.
+    limited = job.run(source, template, "--workers", "2", "--limit", "10")
+
+    assert limited.returncode == 0, limited.stderr
+    assert "1 left for a later run by --limit 10" in limited.stderr
+    assert job.relay.count() == COUNT - 1
+
+    job.relay.refuse = {}
+    rest = job.run(source, template, "--workers", "2")
+
+    assert rest.returncode == 0, rest.stderr
+    assert received_counts(job.relay) == dict.fromkeys([r["email"] for r in rows], 1)
 
 
 def test_a_suppressed_address_left_queued_by_an_earlier_run_is_never_mailed(job, tmp_path):
