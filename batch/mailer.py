@@ -178,9 +178,11 @@ class Mailer:
         for (_, accepted), (code, reply) in zip(commands, replies, strict=False):
             if code not in accepted:
                 if len(replies) == len(commands) and replies[-1][0] == 354:
-                    smtp.send(".\r\n")  # DATA was taken after all: end it empty
-                    smtp.getreply()
-                self._reset()
+                    # DATA was taken after all. A "." would have the relay queue an empty
+                    # message; a session cut off in mid-DATA leaves it nothing (RFC 5321).
+                    self._drop()
+                else:
+                    self._reset()
                 return self._verdict(code, reply, accepted=())
         return None
 

@@ -91,7 +91,8 @@ class RecordingRelay:
     close_next, when above 0, does the same to that many RCPTs, counting down, and the
     relay then serves again: an outage that ends once its clients have knocked N times.
     data_answer, if set, is the line the relay answers the final "." with instead of 250,
-    say one without a reply code. All of these may be changed while running.
+    say one without a reply code; mail_answer likewise replaces MAIL's "250 OK", though the
+    sender is taken. All of these may be changed while running.
     held_after(n) holds the answers to DATA from the (n+1)th message on, until the test
     releases them.
     on_accept, if given, is called with each Accepted on the relay's event-loop thread;
@@ -100,6 +101,7 @@ class RecordingRelay:
     stop() and start() may alternate on the same port: the record is kept across them.
 
     Like a real relay, it can also be stricter: smtputf8 announces SMTPUTF8 (RFC 6531);
+    pipelining announces PIPELINING (RFC 2920), so the client sends MAIL, RCPT and DATA at once;
     login=(user, password) refuses mail until AUTH with exactly these (over plain text, for
     the tests; changing `login` while running refuses the next logins); tls_context offers
     STARTTLS with that server context, ssl_context speaks TLS from the first byte.
@@ -116,6 +118,7 @@ class RecordingRelay:
         data_delay_s: DelayRule = 0.0,
         on_accept: Callable[[Accepted], None] | None = None,
         smtputf8: bool = False,
+        pipelining: bool = False,
         login: tuple[str, str] | None = None,
         tls_context: ssl.SSLContext | None = None,
         ssl_context: ssl.SSLContext | None = None,
@@ -129,6 +132,8 @@ class RecordingRelay:
         self.drop_after_data: DropRule = drop_after_data
         self.data_delay_s: DelayRule = data_delay_s
         self.data_answer: str | None = None
+        self.mail_answer: str | None = None
+        self.pipelining = pipelining
         self.on_accept = on_accept
         self.login = login
         self._ssl_context = ssl_context
@@ -329,6 +334,17 @@ class _Handler:
         if not hasattr(session, "massmail_connection"):
             session.massmail_connection = next(self._connections)
         return session.massmail_connection
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses) -> list[str]:
+        session.host_name = hostname
+        if self.relay.pipelining:
+            responses.insert(-1, "250-PIPELINING")  # before the last line, "250 HELP"
+        return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options) -> str:
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return self.relay.mail_answer or "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
         # A relay going down: the client hears nothing, before it has sent any message.

@@ -279,6 +279,23 @@ def test_an_answer_to_data_without_a_reply_code_is_in_doubt_and_never_taken_for_
     assert all(reply.startswith("unreadable answer to the end of DATA") for reply in replies)
 
 
+def test_a_pipelined_envelope_refused_after_data_was_taken_never_sends_an_empty_message(
+    job, tmp_path
+):
+    source, template, addresses = mailing(tmp_path, 3)
+    job.relay.pipelining = True  # MAIL, RCPT and DATA go in one write, DATA gets its 354
+    job.relay.mail_answer = "2.1.0 sender ok"  # no reply code: the client must take it as no
+
+    result = job.run(
+        source, template, "--workers", "1", "--retry-delay", "1", "--max-attempts", "2"
+    )
+
+    # Ending that DATA with "." would have the relay queue an empty message each time.
+    assert result.returncode == 1, result.stderr
+    assert job.relay.count() == 0
+    assert set(job.final_statuses().values()) == {"failed"}
+
+
 def test_a_relay_down_at_start_is_a_temporary_failure_and_a_later_rerun_sends_everyone(
     job, tmp_path
 ):
