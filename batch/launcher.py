@@ -78,9 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Launcher(settings).run()
     except BatchError as error:
         log.error("%s", error)
-        if error.exit_code in (ExitCode.TEMPFAIL, ExitCode.SOFTWARE):
-            log.error("nothing is lost: rerun the same command to resume")
-        return error.exit_code
+        code = error.exit_code
+    except Exception:  # a bug: say so, with the traceback, and never exit 1 ("finished")
+        log.critical("unexpected error", exc_info=True)
+        code = ExitCode.SOFTWARE
+    if code in (ExitCode.TEMPFAIL, ExitCode.SOFTWARE):
+        log.error("nothing is lost: rerun the same command to resume")
+    return code
 
 
 class Launcher:

@@ -175,13 +175,19 @@ class MessageParts:
 
     def composer(self, campaign: str) -> Composer:
         """Make the composer that stamps these parts for each recipient of a campaign."""
-        return Composer(
-            self.template,
-            campaign,
-            html=self.html,
-            unsubscribe=self.unsubscribe,
-            attachments=self.attachments,
-        )
+        try:
+            return Composer(
+                self.template,
+                campaign,
+                html=self.html,
+                unsubscribe=self.unsubscribe,
+                attachments=self.attachments,
+            )
+        except TemplateError:
+            raise
+        except Exception as error:  # an expression that fails for everyone: {{ 1 // 0 }}
+            names = " and ".join(p.name for p in (self.template, self.html) if p is not None)
+            raise TemplateError(f"{names}: cannot be rendered: {error!r}") from None
 
 
 class Composer:

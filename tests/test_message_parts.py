@@ -134,6 +134,18 @@ def test_a_fixed_reply_to_without_an_address_is_refused_before_anything_is_sent(
     )
 
 
+def test_a_template_expression_that_fails_for_everyone_stops_the_run_with_2(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(2))
+    template = write_template(
+        tmp_path / "template.txt",
+        "From: Test Sender <sender@example.com>\nSubject: Hi\n\nTotal: {{ 10 // 0 }}\n",
+    )
+
+    result = job.run(source, template)
+
+    assert_refused_and_nothing_sent(job, result, f"{template}: cannot be rendered: ZeroDivision")
+
+
 def test_a_sender_domain_outside_ascii_gives_an_ascii_message_id(job, tmp_path):
     source = write_csv(tmp_path / "list.csv", people(1))
     template = write_template(
