@@ -173,7 +173,9 @@ class Worker:
     def _send_loop(self) -> None:
         try:
             while (delivery := self.inbox.get()) is not STOP:
-                if delivery.generation == self.broker.generation:
+                # Once leaving, a delivery not begun goes back to the queue, even one that
+                # slipped in before the inbox was emptied.
+                if delivery.generation == self.broker.generation and not self.leaving.is_set():
                     self._guarded(delivery)
                 if self.inbox.empty():
                     self._flush()
