@@ -34,7 +34,7 @@ from batch.mailer import Mailer, RelaySettings
 from batch.message import MessageParts
 from batch.pool import WorkerPool
 from batch.progress import Progress, Tally
-from batch.recipients import RecipientList
+from batch.recipients import RecipientList, compared_form
 from batch.sentlog import Outcome, SentLog, Status
 from batch.source import fingerprint, read_rows
 from batch.suppression import Suppressions
@@ -351,15 +351,16 @@ class Launcher:
         """Publish again the unsettled recipients the broker no longer holds."""
         if ledger.open_claims() or broker.depth() > 0:
             return
-        lost = ledger.unsettled()
+        lost = {compared_form(address): address for address in ledger.unsettled()}
         if not lost:
             return
         log.warning("%d recipient(s) are unsettled but not queued; queuing them again", len(lost))
-        found = [r for r in self._recipients() if r.address in lost]
+        # The list may spell a recipient otherwise than the sent-log saw it first.
+        found = [r for r in self._recipients() if compared_form(r.address) in lost]
         broker.publish(message_of(r) for r in found)
-        for recipient in lost - {r.address for r in found}:
+        for form in lost.keys() - {compared_form(r.address) for r in found}:
             reason = "no longer in the list, and its queued message was lost"
-            ledger.record(recipient, "", Outcome(Status.FAILED, None, reason))
+            ledger.record(lost[form], "", Outcome(Status.FAILED, None, reason))
         ledger.sync()
 
     # After the run.

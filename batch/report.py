@@ -23,6 +23,7 @@ from pathlib import Path
 
 from batch import report_html, suppression
 from batch.errors import BatchError, ExitCode, UsageError
+from batch.recipients import compared_form
 from batch.sentlog import COLUMNS, QUEUED, SentLogError, Status, safe_cell
 
 EPILOG = """\
@@ -82,7 +83,9 @@ class Campaign:
     """What the campaign's files say at the moment they were read."""
 
     folder: Path
+    # By the first spelling the sent-log gives; `spellings` finds it from the compared form.
     recipients: dict[str, Standing] = field(default_factory=dict)
+    spellings: dict[str, str] = field(default_factory=dict)
     lines: int = 0  # complete lines of the sent-log, its header aside
     unfinished_bytes: int = 0  # a last line still being written
     rejected: int | None = None  # None: rejected.csv is not written yet
@@ -104,6 +107,10 @@ class Campaign:
     def listed(self, status: str) -> list[tuple[str, Standing]]:
         """List the recipients whose last line has this status, in the sent-log's order."""
         return [(r, s) for r, s in self.recipients.items() if s.status == status]
+
+    def first_spelling(self, address: str) -> str:
+        """Return the spelling under which this address's recipient was first met."""
+        return self.spellings.setdefault(compared_form(address), address)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,15 +217,16 @@ def read_campaign(folder: Path) -> Campaign:
     except SentLogError as error:  # the counts of the sent-log itself still stand
         queued, campaign.index_problem = [], str(error)
     for row in complete_rows(folder / "sent-log.csv", campaign):
-        standing = campaign.recipients.get(row["recipient"])
+        recipient = campaign.first_spelling(row["recipient"])
+        standing = campaign.recipients.get(recipient)
         message_id = row["message_id"] or (standing.message_id if standing else "")
-        campaign.recipients[row["recipient"]] = Standing(
+        campaign.recipients[recipient] = Standing(
             row["status"], row["smtp_code"], row["smtp_reply"], message_id, row["timestamp"]
         )
         if row["status"] in SETTLED:
             campaign.settled[row["timestamp"][:19], row["status"]] += 1
     for recipient in queued:
-        campaign.recipients.setdefault(recipient, Standing(QUEUED))
+        campaign.recipients.setdefault(campaign.first_spelling(recipient), Standing(QUEUED))
     campaign.rejected = count_rejected(folder / "rejected.csv")
     return campaign
 
@@ -252,8 +260,9 @@ def queued_recipients(index: Path) -> list[str]:
     try:
         connection = sqlite3.connect(f"{index.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
+            # An index older than `shown` fails here as unreadable, until a run rebuilds it.
             rows = connection.execute(
-                "SELECT address FROM recipients WHERE status = ?", (QUEUED,)
+                "SELECT shown FROM recipients WHERE status = ?", (QUEUED,)
             ).fetchall()
         finally:
             connection.close()

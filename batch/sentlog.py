@@ -17,6 +17,12 @@ To answer "may I send to this recipient?" without every process reading every li
 the latest status of each recipient is kept in `sent-log.index`, a SQLite table beside
 the CSV and updated under the same lock. The CSV is the record; the index is derived
 from it, and the launcher rebuilds it from the CSV at the start of every run.
+
+The index knows a recipient by the form in which addresses are compared (batch.recipients),
+so a list re-exported as ann@xn--bcher-kva.example finds what is known of ann@bücher.example,
+and every method takes either spelling. A line keeps the spelling it was given; the index
+also keeps the first spelling it saw, which it uses where it names a recipient itself
+(the in-doubt lines of `settle_open_claims()`, the addresses of `unsettled()`).
 """
 
 from __future__ import annotations
@@ -125,9 +131,10 @@ class SentLog:
         self._waiting = [str(s) for s in Status if s not in self._settled] + [QUEUED]
         blocking = ", ".join(f"'{status}'" for status in sorted(self._blocking))
         self._claim_sql = (
-            f"INSERT INTO recipients VALUES (?, '{Status.CLAIMED}', ?, ?) ON CONFLICT (address) "
-            "DO UPDATE SET status = excluded.status, worker = excluded.worker, "
-            f"message_id = excluded.message_id WHERE status NOT IN ({blocking})"
+            f"INSERT INTO recipients VALUES (?, ?, '{Status.CLAIMED}', ?, ?) "
+            "ON CONFLICT (address) DO UPDATE SET status = excluded.status, "
+            "worker = excluded.worker, message_id = excluded.message_id "
+            f"WHERE status NOT IN ({blocking})"
         )
 
         if rebuild or not path.exists():
@@ -145,9 +152,10 @@ class SentLog:
 
     def claim(self, recipient: str, message_id: str) -> bool:
         """Claim the recipient and fsync, unless it is claimed, settled or suppressed."""
+        form = compared_form(recipient)
         with self._locked():
-            suppressed = self._suppressing and self._settle_if_suppressed(recipient)
-            claimed = not suppressed and self._claim(recipient, message_id)
+            suppressed = self._suppressing and self._settle_if_suppressed(recipient, form)
+            claimed = not suppressed and self._claim(recipient, form, message_id)
         if claimed or suppressed:
             self.sync()
         return claimed
@@ -174,17 +182,18 @@ class SentLog:
 
     def expect(self, recipients: Iterable[str]) -> dict[str, str]:
         """Note recipients about to be queued; return the unsettled ones with their status."""
-        recipients = list(recipients)
-        if not recipients:
+        forms = {r: compared_form(r) for r in recipients}
+        if not forms:
             return {}
         with self._locked():
-            known = self._known(recipients)
+            known = self._known(list(forms.values()))
             with self._transaction():
                 self._index.executemany(
-                    "INSERT OR IGNORE INTO recipients (address, status) VALUES (?, ?)",
-                    [(r, QUEUED) for r in recipients if r not in known],
+                    "INSERT OR IGNORE INTO recipients (address, shown, status) VALUES (?, ?, ?)",
+                    [(f, r, QUEUED) for r, f in forms.items() if f not in known],
                 )
-        return {r: known.get(r, QUEUED) for r in recipients if known.get(r) not in self._settled}
+        statuses = {r: known.get(f, QUEUED) for r, f in forms.items()}
+        return {r: status for r, status in statuses.items() if status not in self._settled}
 
     def leave_out(self, recipients: Iterable[str]) -> int:
         """Leave the unsettled ones of these recipients out of this run; return how many.
@@ -192,14 +201,14 @@ class SentLog:
         The index forgets what it knew of them, so this run neither waits for them nor
         queues them again; the next run rebuilds their status from the CSV.
         """
-        recipients = list(recipients)
-        if not recipients:
+        forms = [compared_form(r) for r in recipients]
+        if not forms:
             return 0
         with self._locked():
-            known = self._known(recipients)
-            unsettled = [r for r in recipients if known.get(r) not in self._settled]
+            known = self._known(forms)
+            unsettled = [f for f in forms if known.get(f) not in self._settled]
             # A claim is never forgotten: its outcome is still to come.
-            forget = [(r,) for r in unsettled if r in known and known[r] != Status.CLAIMED]
+            forget = [(f,) for f in unsettled if f in known and known[f] != Status.CLAIMED]
             if forget:
                 with self._transaction():
                     self._index.executemany("DELETE FROM recipients WHERE address = ?", forget)
@@ -207,13 +216,13 @@ class SentLog:
 
     def suppress(self, recipients: Iterable[str], reason: str) -> int:
         """Settle every unsettled one of these recipients as suppressed; return how many."""
-        recipients = list(recipients)
-        if not recipients:
+        forms = {r: compared_form(r) for r in recipients}
+        if not forms:
             return 0
         outcome = Outcome(Status.SUPPRESSED, None, reason)
         with self._locked():
-            known = self._known(recipients)
-            unsettled = [r for r in recipients if known.get(r) not in self._blocking]
+            known = self._known(list(forms.values()))
+            unsettled = [r for r, f in forms.items() if known.get(f) not in self._blocking]
             for recipient in unsettled:
                 self._append(recipient, "", outcome)
         self.sync()
@@ -234,7 +243,7 @@ class SentLog:
 
     def settle_open_claims(self, reason: str, worker: str | None = None) -> list[str]:
         """Record every claim without an outcome (of one worker, or all) as in-doubt."""
-        query = "SELECT address, message_id, worker FROM recipients WHERE status = ?"
+        query = "SELECT shown, message_id, worker FROM recipients WHERE status = ?"
         with self._locked():
             rows = self._index.execute(query, (Status.CLAIMED.value,)).fetchall()
             settled = [(r, m) for r, m, w in rows if worker is None or w == worker]
@@ -245,11 +254,11 @@ class SentLog:
 
     def is_final(self, recipient: str) -> bool:
         """Tell whether nothing more will be attempted for this recipient."""
-        return self._status(recipient) in self._settled
+        return self._status(compared_form(recipient)) in self._settled
 
     def unsettled(self) -> set[str]:
         """Name the recipients queued, claimed or deferred (and in doubt, if resent)."""
-        rows = self._index.execute(self._unsettled_query("address"), self._waiting)
+        rows = self._index.execute(self._unsettled_query("shown"), self._waiting)
         return {address for (address,) in rows}
 
     def remaining(self) -> int:
@@ -286,34 +295,34 @@ class SentLog:
             raise
         self._index.execute("COMMIT")
 
-    def _known(self, recipients: list[str]) -> dict[str, str]:
-        """Look up the latest status of each of these recipients the index knows."""
-        marks = ",".join("?" * len(recipients))
+    def _known(self, forms: list[str]) -> dict[str, str]:
+        """Look up the latest status of each of these compared forms the index knows."""
+        marks = ",".join("?" * len(forms))
         query = f"SELECT address, status FROM recipients WHERE address IN ({marks})"
-        return dict(self._index.execute(query, recipients).fetchall())
+        return dict(self._index.execute(query, forms).fetchall())
 
-    def _claim(self, recipient: str, message_id: str) -> bool:
+    def _claim(self, recipient: str, form: str, message_id: str) -> bool:
         """Claim the recipient unless it is taken: one statement checks and claims."""
-        cursor = self._index.execute(self._claim_sql, (recipient, self.worker, message_id))
+        cursor = self._index.execute(self._claim_sql, (form, recipient, self.worker, message_id))
         if cursor.rowcount == 0:
             return False
         self._write(recipient, message_id, Outcome(Status.CLAIMED))
         return True
 
-    def _settle_if_suppressed(self, recipient: str) -> bool:
+    def _settle_if_suppressed(self, recipient: str, form: str) -> bool:
         """Tell whether the recipient is suppressed; if so and unsettled, settle it so."""
         row = self._index.execute(
-            "SELECT reason FROM suppressed WHERE address = ?", (compared_form(recipient),)
+            "SELECT reason FROM suppressed WHERE address = ?", (form,)
         ).fetchone()
         if row is None:
             return False
-        if self._status(recipient) not in self._blocking:
+        if self._status(form) not in self._blocking:
             self._append(recipient, "", Outcome(Status.SUPPRESSED, None, row[0]))
         return True
 
-    def _status(self, recipient: str) -> str | None:
+    def _status(self, form: str) -> str | None:
         row = self._index.execute(
-            "SELECT status FROM recipients WHERE address = ?", (recipient,)
+            "SELECT status FROM recipients WHERE address = ?", (form,)
         ).fetchone()
         return row[0] if row else None
 
@@ -324,21 +333,30 @@ class SentLog:
 
     def _append(self, recipient: str, message_id: str, outcome: Outcome) -> None:
         self._write(recipient, message_id, outcome)
+        # An update, not a replace: the spelling the index saw first stays.
         self._index.execute(
-            "INSERT OR REPLACE INTO recipients VALUES (?, ?, ?, ?)",
-            (recipient, outcome.status.value, self.worker, message_id),
+            "INSERT INTO recipients VALUES (?, ?, ?, ?, ?) ON CONFLICT (address) DO UPDATE SET "
+            "status = excluded.status, worker = excluded.worker, message_id = excluded.message_id",
+            (compared_form(recipient), recipient, outcome.status.value, self.worker, message_id),
         )
 
     def _rebuild_index(self) -> None:
-        """Derive every recipient's latest status from the CSV."""
-        latest = {row["recipient"]: row for row in read_rows(self.path)}
+        """Derive every recipient's latest status, and its first spelling, from the CSV."""
+        latest: dict[str, tuple[str, dict[str, str]]] = {}
+        for row in read_rows(self.path):
+            form = compared_form(row["recipient"])
+            first = latest.get(form)
+            latest[form] = (first[0] if first else row["recipient"], row)
+
+        # An index written before it knew the compared form has another table: drop it.
         with self._transaction():
-            self._index.execute("DELETE FROM recipients")
+            self._index.execute("DROP TABLE IF EXISTS recipients")
+            _create_recipients(self._index)
             self._index.executemany(
-                "INSERT INTO recipients VALUES (?, ?, ?, ?)",
+                "INSERT INTO recipients VALUES (?, ?, ?, ?, ?)",
                 (
-                    (r, row["status"], row["worker"], row["message_id"])
-                    for r, row in latest.items()
+                    (form, shown, row["status"], row["worker"], row["message_id"])
+                    for form, (shown, row) in latest.items()
                 ),
             )
 
@@ -348,16 +366,21 @@ def _open_index(path: Path) -> sqlite3.Connection:
     index = sqlite3.connect(path, timeout=60, check_same_thread=False, isolation_level=None)
     index.execute("PRAGMA journal_mode = WAL")
     index.execute("PRAGMA synchronous = OFF")
-    index.execute(
-        "CREATE TABLE IF NOT EXISTS recipients (address TEXT PRIMARY KEY, status TEXT NOT NULL,"
-        " worker TEXT, message_id TEXT) WITHOUT ROWID"
-    )
-    index.execute("CREATE INDEX IF NOT EXISTS by_status ON recipients (status)")
+    _create_recipients(index)
     index.execute(
         "CREATE TABLE IF NOT EXISTS suppressed (address TEXT PRIMARY KEY, reason TEXT NOT NULL)"
         " WITHOUT ROWID"
     )
     return index
+
+
+def _create_recipients(index: sqlite3.Connection) -> None:
+    """Create the table of recipients, keyed by compared form, unless it exists."""
+    index.execute(
+        "CREATE TABLE IF NOT EXISTS recipients (address TEXT PRIMARY KEY, shown TEXT NOT NULL,"
+        " status TEXT NOT NULL, worker TEXT, message_id TEXT) WITHOUT ROWID"
+    )
+    index.execute("CREATE INDEX IF NOT EXISTS by_status ON recipients (status)")
 
 
 def format_line(

@@ -124,6 +124,39 @@ def test_without_smtputf8_an_idn_domain_goes_as_punycode_and_a_utf8_local_part_f
     assert last["ann@bücher.example"]["status"] == "sent"
 
 
+def test_a_rerun_whose_list_spells_an_idn_domain_in_ascii_mails_nobody_a_second_time(
+    job, tmp_path
+):
+    rows = [
+        {"email": "ann@bücher.example", "name": "Ann"},
+        {"email": "cem@bücher.example", "name": "Cem"},
+        {"email": "bob@example.com", "name": "Bob"},
+    ]
+    template = write_template(tmp_path / "template.txt")
+    # Cem's message is accepted, but the answer is lost: he is in doubt, and not mailed again.
+    job.relay.drop_after_data = lambda message: "cem@xn--bcher-kva.example" in message.rcpt_tos
+    first = job.run(write_csv(tmp_path / "list.csv", rows), template)
+    assert first.returncode == 1, first.stderr
+
+    # The same list exported again, its domains in their ASCII form and a capital here and there.
+    job.relay.drop_after_data = False
+    for row in rows:
+        row["email"] = row["email"].replace("bücher", "xn--bcher-kva").capitalize()
+    result = job.run(write_csv(tmp_path / "exported-again.csv", rows), template)
+
+    assert result.returncode == 1, result.stderr
+    assert received_counts(job.relay) == {
+        "ann@xn--bcher-kva.example": 1,
+        "cem@xn--bcher-kva.example": 1,
+        "bob@example.com": 1,
+    }
+    assert job.final_statuses() == {
+        "ann@bücher.example": "sent",
+        "cem@bücher.example": "in-doubt",
+        "bob@example.com": "sent",
+    }
+
+
 # Other columns.
 
 HOSTILE_NAMES = [

@@ -183,6 +183,42 @@ def test_a_report_taken_while_the_job_runs_shows_part_sent_and_well_formed_rows(
     assert job.relay.count() == 300
 
 
+def test_a_recipient_resent_under_the_lists_other_spelling_is_counted_once_by_her_first(
+    job, tmp_path
+):
+    template = write_template(tmp_path / "template.txt")
+    job.relay.drop_after_data = lambda message: "ann@xn--bcher-kva.example" in message.rcpt_tos
+    rows = [{"email": "ann@bücher.example", "name": "Ann"}, *people(2)]
+    assert job.run(write_csv(tmp_path / "list.csv", rows), template).returncode == 1
+
+    # The list re-exported with the domain in ASCII; the one in doubt is sent again.
+    job.relay.drop_after_data = False
+    rows[0]["email"] = "Ann@xn--bcher-kva.example"
+    again = job.run(write_csv(tmp_path / "again.csv", rows), template, "--in-doubt", "resend")
+    assert again.returncode == 0, again.stderr
+    assert {row["recipient"] for row in job.sent_log()} == {
+        "ann@bücher.example",
+        "ann@xn--bcher-kva.example",
+        "person0@example.com",
+        "person1@example.com",
+    }
+    export = tmp_path / "audit.csv"
+
+    result = report(str(job.folder), "--csv", str(export))
+
+    assert result.returncode == 0, result.stderr
+    assert counts_in(result.stdout) == {"recipients": 3, "sent": 3, "refused rows": 0}
+    assert section(result.stdout, "in doubt") == []
+    standings = {row["recipient"]: row for row in read_export(export)}
+    assert sorted(standings) == [
+        "ann@bücher.example",
+        "person0@example.com",
+        "person1@example.com",
+    ]
+    resent = [m for m in job.relay.messages() if m.rcpt_tos == ("ann@xn--bcher-kva.example",)]
+    assert standings["ann@bücher.example"]["message_id"] == resent[-1].message_id
+
+
 def test_a_last_line_still_being_written_is_left_for_the_next_look(tmp_path):
     folder = tmp_path / "state" / "spring"
     folder.mkdir(parents=True)
