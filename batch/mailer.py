@@ -97,10 +97,13 @@ class Mailer:
             client.login()
             client.smtp.ehlo_or_helo_if_needed()
         except smtplib.SMTPAuthenticationError as error:
-            raise UsageError(
+            reason = (
                 f"relay {relay}: login refused for user {self.settings.user!r}: "
                 f"{_reply_text(error.smtp_code, error.smtp_error)}"
-            ) from None
+            )
+            if 400 <= error.smtp_code < 500:  # "454 4.7.0 try again later": for now only
+                raise Unavailable(reason) from None
+            raise UsageError(reason) from None
         except ssl.SSLCertVerificationError as error:
             raise UsageError(
                 f"relay {relay}: its certificate is not trusted: {error.verify_message}"

@@ -251,7 +251,7 @@ class Worker:
             # The delivery stays unacked and goes back to the queue when this worker stops.
             if self.leaving.is_set():
                 return
-            raise Unavailable(f"{attempt.reply} (for {self.settings.reconnect_for_s:.0f} s)")
+            raise Unavailable(attempt.reply)
         if outcome.status is Status.DEFERRED:
             self._flush()
             self.broker.call_soon(partial(self.broker.retry_later, delivery))
@@ -281,11 +281,13 @@ class Worker:
         while True:
             try:
                 attempt = self.mailer.send(sender, recipient, data)
-            except (Unavailable, UsageError) as error:
-                # The launcher logged in before the run began, so a login or certificate
-                # refused now is the relay's passing state (a limit on logins, a password
-                # changed mid-run): nothing was sent, and it is waited out like an outage.
+            except Unavailable as error:  # an outage, or a login refused for now (4xx)
                 attempt = Attempt(Result.NOT_REACHED, None, str(error))
+            except UsageError as error:
+                # A login or certificate refused for good, though the launcher's was taken:
+                # the password or the certificate changed mid-run. Nothing was sent, and
+                # each retry would be one more failed login, which relays lock accounts for.
+                return Attempt(Result.NOT_REACHED, None, str(error))
             if attempt.result is not Result.NOT_REACHED:
                 return attempt
             if time.monotonic() + pause > deadline:

@@ -103,7 +103,8 @@ class RecordingRelay:
     Like a real relay, it can also be stricter: smtputf8 announces SMTPUTF8 (RFC 6531);
     pipelining announces PIPELINING (RFC 2920), so the client sends MAIL, RCPT and DATA at once;
     login=(user, password) refuses mail until AUTH with exactly these (over plain text, for
-    the tests; changing `login` while running refuses the next logins); tls_context offers
+    the tests; changing `login` while running refuses the next logins, with login_refusal
+    as the reply if set); tls_context offers
     STARTTLS with that server context, ssl_context speaks TLS from the first byte.
     """
 
@@ -152,6 +153,8 @@ class RecordingRelay:
         self.closing = False
         self.close_next = 0
         self.closed_rcpts = 0  # RCPTs answered by closing the connection
+        self.refused_logins = 0  # AUTH commands refused (a client may try two a login)
+        self.login_refusal: str | None = None  # the reply to a refused AUTH; None: 535
         self._holds: list[Hold] = []
         self._controller: _Controller | None = None
 
@@ -318,8 +321,12 @@ class _Authenticator:
 
     def __call__(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
         given = (auth_data.login.decode(), auth_data.password.decode())
-        # handled=False: aiosmtpd answers a failure with 535 itself.
-        return AuthResult(success=given == self.relay.login, handled=False)
+        success = given == self.relay.login
+        if not success:
+            with self.relay._lock:
+                self.relay.refused_logins += 1
+        # handled=False: aiosmtpd answers a failure with the message, or 535 without one.
+        return AuthResult(success=success, handled=False, message=self.relay.login_refusal)
 
 
 class _Handler:

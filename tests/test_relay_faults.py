@@ -21,8 +21,10 @@ import pytest
 from tests.conftest import (
     ROOT,
     RUN_TIMEOUT_S,
+    batch_in_background,
     people,
     received_counts,
+    wait_until,
     write_csv,
     write_template,
 )
@@ -361,6 +363,39 @@ def test_a_relay_that_goes_away_for_good_stops_the_run_and_a_rerun_finishes_it(j
     assert_sent_once(job, addresses)
     # The relay was unreachable, never silent after DATA: nobody was ever in doubt.
     assert [row for row in job.sent_log() if row["status"] == "in-doubt"] == []
+
+
+def test_a_run_stopped_while_it_waits_out_an_unreachable_relay_leaves_nobody_in_doubt(
+    job, tmp_path
+):
+    source, template, addresses = mailing(tmp_path, 6)
+    relay = job.relay
+
+    def go_down_after_two(_message) -> None:
+        if relay.count() >= 2:
+            relay.closing = True  # every later RCPT: the connection closes, nothing is sent
+
+    relay.on_accept = go_down_after_two
+    # The retries would outlast the launcher's patience with a stopping worker (the SMTP
+    # timeout and 30 s): the worker must give them up when told to stop.
+    args = job.args(
+        source, template, "--workers", "1", "--reconnect-for", "600", "--smtp-timeout", "2"
+    )
+    log_path = tmp_path / "run.log"
+    with batch_in_background(args, log_path) as process:
+        wait_until(lambda: "trying again in" in log_path.read_text(), "a retry", process)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(RUN_TIMEOUT_S) == 75, log_path.read_text()
+
+    assert relay.count() == 2
+    assert [row for row in job.sent_log() if row["status"] == "in-doubt"] == []
+    assert "was killed" not in log_path.read_text()
+
+    relay.on_accept, relay.closing = None, False
+    rerun = job.run(source, template, "--workers", "1")
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert_sent_once(job, addresses)
 
 
 def test_a_relay_slow_to_answer_data_keeps_the_broker_connection_alive(job, tmp_path):
