@@ -49,10 +49,15 @@ def raw_header(content: bytes, name: str) -> bytes:
     return re.search(pattern, head, re.S).group(1)
 
 
+def short_template(tmp_path, headers: str):
+    """Write a template of these header lines, a Subject and a one-word body."""
+    return write_template(tmp_path / "template.txt", f"{headers}\nSubject: Hi\n\nHi.\n")
+
+
 def reply_to_template(tmp_path, reply_to: str):
     """Write a short template whose Reply-To header is reply_to."""
-    text = f"From: Test Sender <sender@example.com>\nReply-To: {reply_to}\nSubject: Hi\n\nHi.\n"
-    return write_template(tmp_path / "template.txt", text)
+    sender = "From: Test Sender <sender@example.com>"
+    return short_template(tmp_path, f"{sender}\nReply-To: {reply_to}")
 
 
 def assert_refused_and_nothing_sent(job, result, *parts: str) -> None:
@@ -69,9 +74,7 @@ def assert_refused_and_nothing_sent(job, result, *parts: str) -> None:
 
 def test_a_from_name_outside_ascii_shows_intact_and_goes_as_an_ascii_encoded_word(job, tmp_path):
     source = write_csv(tmp_path / "list.csv", people(1))
-    template = write_template(
-        tmp_path / "template.txt", "From: Jörg Müller <news@example.com>\nSubject: Hi\n\nHi.\n"
-    )
+    template = short_template(tmp_path, "From: Jörg Müller <news@example.com>")
 
     result = job.run(source, template)
 
@@ -148,9 +151,7 @@ def test_a_template_expression_that_fails_for_everyone_stops_the_run_with_2(job,
 
 def test_a_sender_domain_outside_ascii_gives_an_ascii_message_id(job, tmp_path):
     source = write_csv(tmp_path / "list.csv", people(1))
-    template = write_template(
-        tmp_path / "template.txt", "From: Bücher <news@bücher.example>\nSubject: Hi\n\nHi.\n"
-    )
+    template = short_template(tmp_path, "From: Bücher <news@bücher.example>")
 
     result = job.run(source, template)
 
