@@ -28,6 +28,7 @@ from batch.errors import (
     Unavailable,
     UsageError,
 )
+from batch.ledger import Outcome, Status
 from batch.loader import Loader, message_of
 from batch.logs import setup_logging
 from batch.mailer import Mailer, RelaySettings
@@ -35,7 +36,7 @@ from batch.message import MessageParts
 from batch.pool import WorkerPool
 from batch.progress import Progress, Tally
 from batch.recipients import RecipientList, compared_form
-from batch.sentlog import Outcome, SentLog, Status
+from batch.sentlog import SentLog
 from batch.source import fingerprint, read_rows
 from batch.suppression import Suppressions
 from batch.throttle import paced_prefetch, paced_workers, start_schedule

@@ -29,8 +29,10 @@ from typing import TextIO
 
 from batch.broker import Broker
 from batch.errors import Unavailable
+from batch.ledger import Status
 from batch.recipients import Recipient, RecipientList, Rejection
-from batch.sentlog import SentLog, Status, safe_cell
+from batch.sentlog import SentLog
+from batch.sentlog_file import safe_cell
 from batch.suppression import Suppressions
 
 log = logging.getLogger(__name__)

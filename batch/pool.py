@@ -16,7 +16,8 @@ import time
 from typing import Any
 
 from batch.errors import ExitCode
-from batch.sentlog import SentLog, worker_name
+from batch.ledger import worker_name
+from batch.sentlog import SentLog
 from batch.worker import WorkerSettings, main
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from batch.ledger import Status
 from batch.loader import Loader
 from batch.logs import ERASE_LINE, SUMMARY_LOGGER, on_terminal
-from batch.sentlog import SentLog, Status
+from batch.sentlog import SentLog
 
 log = logging.getLogger(__name__)
 summary_log = logging.getLogger(SUMMARY_LOGGER)

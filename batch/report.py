@@ -17,14 +17,15 @@ import os
 import sqlite3
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from batch import report_html, suppression
 from batch.errors import BatchError, ExitCode, UsageError
+from batch.ledger import QUEUED, Status
 from batch.recipients import compared_form
-from batch.sentlog import COLUMNS, QUEUED, SentLogError, Status, safe_cell
+from batch.sentlog_file import SentLogError, SentLogRows, safe_cell
 
 EPILOG = """\
 exit codes:
@@ -216,7 +217,8 @@ def read_campaign(folder: Path) -> Campaign:
         queued = queued_recipients(folder / "sent-log.index")
     except SentLogError as error:  # the counts of the sent-log itself still stand
         queued, campaign.index_problem = [], str(error)
-    for row in complete_rows(folder / "sent-log.csv", campaign):
+    rows = SentLogRows(folder / "sent-log.csv")
+    for row in rows:
         recipient = campaign.first_spelling(row["recipient"])
         standing = campaign.recipients.get(recipient)
         message_id = row["message_id"] or (standing.message_id if standing else "")
@@ -225,32 +227,11 @@ def read_campaign(folder: Path) -> Campaign:
         )
         if row["status"] in SETTLED:
             campaign.settled[row["timestamp"][:19], row["status"]] += 1
+    campaign.lines, campaign.unfinished_bytes = rows.lines, rows.unfinished_bytes
     for recipient in queued:
         campaign.recipients.setdefault(campaign.first_spelling(recipient), Standing(QUEUED))
     campaign.rejected = count_rejected(folder / "rejected.csv")
     return campaign
-
-
-def complete_rows(path: Path, campaign: Campaign) -> Iterator[dict[str, str]]:
-    """Read the sent-log's complete lines; note the size of an unfinished last one."""
-    with path.open(newline="", encoding="utf-8", errors="replace") as file:
-        for number, fields in enumerate(csv.reader(_complete_lines(file, campaign)), 1):
-            if number == 1 and fields == list(COLUMNS):
-                continue
-            campaign.lines += 1
-            if len(fields) != len(COLUMNS):
-                raise SentLogError(
-                    f"{path}: line {number} has {len(fields)} fields instead of {len(COLUMNS)}"
-                )
-            yield dict(zip(COLUMNS, fields, strict=True))
-
-
-def _complete_lines(lines: Iterator[str], campaign: Campaign) -> Iterator[str]:
-    for line in lines:
-        if not line.endswith("\n"):
-            campaign.unfinished_bytes = len(line.encode())
-            return
-        yield line
 
 
 def queued_recipients(index: Path) -> list[str]:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import jinja2
 
 from batch.errors import UsageError
-from batch.sentlog import QUEUED, SentLogError, Status
+from batch.ledger import QUEUED, Status
+from batch.sentlog_file import SentLogError
 
 if TYPE_CHECKING:  # batch.report imports this module
     from batch.report import Campaign

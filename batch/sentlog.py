@@ -1,12 +1,12 @@
 """The sent-log: the campaign's ledger of claims and outcomes, one CSV line each.
 
 It is the one place that decides what "sent", "failed" and "in-doubt" mean on disk,
-and it knows nothing of SMTP or AMQP. Its promises, which the worker builds on:
+and it knows nothing of SMTP or AMQP. It keeps the ledger's promises (batch.ledger) so:
 
-- `claim()` returns only after the claim line is fsync'd, so a claim is durable
-  before the message's DATA goes out;
-- `record()` writes an outcome line at once (a kill -9 cannot lose it), and `sync()`
-  or the next `claim()` makes it durable; the worker acks only after one of them.
+- `claim()` returns only after the claim line is fsync'd;
+- `record()` writes an outcome line at once, and `sync()` or the next `claim()` fsyncs it.
+
+The file's format, and how it is read back, is batch.sentlog_file.
 
 Several processes append to the same file. An exclusive lock on the file itself makes
 every append whole and a claim's check and its claim one atomic step; the fsync comes
@@ -28,89 +28,16 @@ also keeps the first spelling it saw, which it uses where it names a recipient i
 from __future__ import annotations
 
 import contextlib
-import csv
-import functools
-import io
 import os
-import re
-import socket
 import sqlite3
-import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
 
-from batch.errors import BatchError
+from batch.ledger import QUEUED, Outcome, Status, worker_name
 from batch.locking import file_lock
 from batch.recipients import compared_form
-
-COLUMNS = (
-    "timestamp",
-    "campaign",
-    "recipient",
-    "status",
-    "smtp_code",
-    "smtp_reply",
-    "message_id",
-    "worker",
-)
-HEADER = (",".join(COLUMNS) + "\n").encode()
-
-NEEDS_QUOTES = re.compile(r'[,"\r\n]')
-# Characters that make a spreadsheet read a cell as a formula (OWASP's CSV injection list).
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-class Status(StrEnum):
-    """A sent-log line's status, spelled as it appears in the file."""
-
-    CLAIMED = "claimed"  # DATA is about to be sent; no answer recorded yet
-    SENT = "sent"  # the relay answered 250 to DATA
-    FAILED = "failed"  # refused for good (5xx), or 4xx until the attempts ran out
-    IN_DOUBT = "in-doubt"  # the relay may have accepted it; nobody can know
-    DEFERRED = "deferred"  # refused for now (4xx); will be tried again
-    SUPPRESSED = "suppressed"  # on the suppression list: never mailed
-
-
-# In the index only: the loader queued the recipient and nothing has happened yet.
-QUEUED = "queued"
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How one attempt to mail a recipient ended."""
-
-    status: Status
-    smtp_code: int | None = None
-    smtp_reply: str = ""
-
-
-class Ledger(Protocol):
-    """What a worker needs from a ledger; a shared database could implement it too."""
-
-    def claim(self, recipient: str, message_id: str) -> bool:
-        """Claim the recipient durably, or return False if it must not be mailed."""
-
-    def record(self, recipient: str, message_id: str, outcome: Outcome) -> None:
-        """Write the outcome of an attempt (durable after the next sync or claim)."""
-
-    def sync(self) -> None:
-        """Make every line written so far durable."""
-
-    def close(self) -> None:
-        """Release the files."""
-
-
-class SentLogError(BatchError):
-    """The sent-log cannot be read or written."""
-
-
-def worker_name(pid: int | None = None) -> str:
-    """Name a process (this one by default) as the sent-log's `worker` column does."""
-    return f"{socket.gethostname()}:{pid or os.getpid()}"
+from batch.sentlog_file import SentLogRows, create_or_repair, format_line
 
 
 class SentLog:
@@ -138,7 +65,7 @@ class SentLog:
         )
 
         if rebuild or not path.exists():
-            self.torn_bytes = _create_or_repair(path)
+            self.torn_bytes = create_or_repair(path)
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND)
         self._lock = file_lock(path, self._fd)
         self._index = _open_index(path.with_suffix(".index"))
@@ -343,7 +270,7 @@ class SentLog:
     def _rebuild_index(self) -> None:
         """Derive every recipient's latest status, and its first spelling, from the CSV."""
         latest: dict[str, tuple[str, dict[str, str]]] = {}
-        for row in read_rows(self.path):
+        for row in SentLogRows(self.path):
             form = compared_form(row["recipient"])
             first = latest.get(form)
             latest[form] = (first[0] if first else row["recipient"], row)
@@ -381,98 +308,3 @@ def _create_recipients(index: sqlite3.Connection) -> None:
         " status TEXT NOT NULL, worker TEXT, message_id TEXT) WITHOUT ROWID"
     )
     index.execute("CREATE INDEX IF NOT EXISTS by_status ON recipients (status)")
-
-
-def format_line(
-    campaign: str, recipient: str, outcome: Outcome, message_id: str, worker: str
-) -> bytes:
-    """Render one sent-log line, safe to open in a spreadsheet."""
-    fields = (
-        _timestamp(),
-        campaign,
-        recipient,
-        outcome.status.value,
-        "" if outcome.smtp_code is None else str(outcome.smtp_code),
-        safe_cell(" ".join(outcome.smtp_reply.split())),
-        message_id,
-        worker,
-    )
-    # Only these two can hold a comma, a quote or a line break; the rest are ours.
-    if not (NEEDS_QUOTES.search(fields[5]) or NEEDS_QUOTES.search(recipient)):
-        return (",".join(fields) + "\n").encode()
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(fields)
-    return buffer.getvalue().encode()
-
-
-def _timestamp() -> str:
-    """Format now in UTC as ISO 8601 with milliseconds."""
-    now = time.time()
-    second = int(now)
-    return f"{_second(second)}.{int((now - second) * 1000):03d}+00:00"
-
-
-@functools.lru_cache(maxsize=4)
-def _second(second: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-
-
-def safe_cell(text: str) -> str:
-    """Keep a spreadsheet from reading a cell as a formula, as OWASP advises."""
-    return "'" + text if text.startswith(FORMULA_STARTS) else text
-
-
-def read_rows(path: Path) -> Iterator[dict[str, str]]:
-    """Read every complete line of a sent-log, for the index, reports and checks.
-
-    A last line without its newline is being written right now (or was torn by a crash,
-    and the next run cuts it): it is left for the next look. No field holds a line break,
-    so one line is one record.
-    """
-    with path.open(newline="", encoding="utf-8") as file:
-        complete = (line for line in file if line.endswith("\n"))
-        for number, fields in enumerate(csv.reader(complete), start=1):
-            if number == 1 and fields == list(COLUMNS):
-                continue
-            if len(fields) != len(COLUMNS):
-                raise SentLogError(
-                    f"{path}: line {number} has {len(fields)} fields instead of {len(COLUMNS)}"
-                )
-            yield dict(zip(COLUMNS, fields, strict=True))
-
-
-def _create_or_repair(path: Path) -> int:
-    """Create the file with its header, or cut a torn last line; return the bytes cut."""
-    if not path.exists() or path.stat().st_size == 0:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            os.write(fd, HEADER)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_dir(path.parent)
-        return 0
-
-    with open(path, "rb+") as file:
-        size = file.seek(0, os.SEEK_END)
-        file.seek(max(0, size - 65536))
-        data = file.read()
-        if data.endswith(b"\n"):
-            return 0
-        cut = data.rfind(b"\n")
-        keep = size - len(data) + cut + 1 if cut >= 0 else 0
-        file.truncate(keep)
-        if keep == 0:
-            file.write(HEADER)
-        file.flush()
-        os.fsync(file.fileno())
-    return size - keep
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a new file's directory entry durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -31,11 +31,12 @@ from typing import Any
 
 from batch.broker import Broker, Delivery, decode
 from batch.errors import BatchError, ExitCode, TemplateError, Unavailable, UsageError
+from batch.ledger import Ledger, Outcome, Status
 from batch.logs import setup_logging
 from batch.mailer import Attempt, Mailer, RelaySettings, Result
 from batch.message import Composer, HtmlTemplate, MessageParts, Template
 from batch.mime import Attachment
-from batch.sentlog import Ledger, Outcome, SentLog, Status
+from batch.sentlog import SentLog
 from batch.throttle import Throttle
 from batch.unsubscribe import Unsubscribe
 

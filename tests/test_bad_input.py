@@ -254,6 +254,25 @@ def test_a_csv_that_stops_being_utf8_far_down_stops_the_run_before_anyone_is_mai
     assert job.relay.count() == 0
 
 
+def test_a_sent_log_saved_in_another_encoding_stops_the_rerun_naming_its_line(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(3))
+    template = write_template(tmp_path / "template.txt")
+    assert job.run(source, template).returncode == 0
+    # As a spreadsheet saving the file as Windows-1252 would leave it: one reply is not UTF-8.
+    sent_log = job.folder / "sent-log.csv"
+    lines = sent_log.read_bytes().splitlines(keepends=True)
+    number = next(n for n, line in enumerate(lines, 1) if b",sent,250," in line)
+    lines[number - 1] = lines[number - 1].replace(b",sent,250,", b",sent,250,caf\xe9 ")
+    sent_log.write_bytes(b"".join(lines))
+
+    result = job.run(write_csv(tmp_path / "list.csv", people(5)), template)
+
+    assert result.returncode == 70, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{sent_log}: line {number} is not UTF-8: the file is damaged" in result.stderr
+    assert received_counts(job.relay) == {row["email"]: 1 for row in people(3)}
+
+
 def test_a_csv_saved_as_utf16_is_refused_with_what_to_do(job, tmp_path):
     (tmp_path / "list.csv").write_bytes("email\nann@example.com\n".encode("utf-16"))
     template = write_template(tmp_path / "template.txt", PLAIN_TEMPLATE)

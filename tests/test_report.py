@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from batch.sentlog import Outcome, SentLog, Status, read_rows
+from batch.ledger import Outcome, Status
+from batch.sentlog import SentLog
+from batch.sentlog_file import SentLogRows
 from tests.conftest import (
     ROOT,
     RUN_TIMEOUT_S,
@@ -230,7 +232,7 @@ def test_a_last_line_still_being_written_is_left_for_the_next_look(tmp_path):
     ledger.close()
     with (folder / "sent-log.csv").open("a", encoding="utf-8") as file:
         file.write('2026-12-03T02:00:00.000+00:00,spring,p9@example.com,failed,550,"5.1.1 no')
-    assert len(list(read_rows(folder / "sent-log.csv"))) == 6  # the partial line is left out
+    assert len(list(SentLogRows(folder / "sent-log.csv"))) == 6  # the partial line is left out
 
     result = report(str(folder), "--csv", str(tmp_path / "audit.csv"))
 
