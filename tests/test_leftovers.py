@@ -11,6 +11,8 @@ import os
 import signal
 from pathlib import Path
 
+import pika
+
 from tests.conftest import (
     RUN_TIMEOUT_S,
     batch_in_background,
@@ -48,7 +50,18 @@ def interrupt_with_a_full_queue(job, source: Path, template: Path, log_path: Pat
         assert process.wait(RUN_TIMEOUT_S) == 75, log_path.read_text()
     mailed = set(received_counts(job.relay))
     assert len(mailed) <= 4, f"{len(mailed)} mailed: the queue was not full when the run stopped"
+    assert queued_messages(job) == COUNT - len(mailed)  # the rerun meets all the others
     return mailed
+
+
+def queued_messages(job) -> int:
+    """Count the messages waiting in the campaign's queue."""
+    connection = pika.BlockingConnection(pika.URLParameters(job.amqp_url))
+    try:
+        queue = connection.channel().queue_declare(f"massmail.{job.campaign}", passive=True)
+    finally:
+        connection.close()
+    return queue.method.message_count
 
 
 def test_a_rerun_with_a_limit_mails_only_the_first_n_though_the_queue_holds_more(job, tmp_path):

@@ -275,7 +275,9 @@ def test_a_column_holding_the_boundary_line_cannot_end_a_part_early(job, tmp_pat
     assert job.run(source, template).returncode == 0
 
     [accepted] = job.relay.messages()
-    text, html = parsed(accepted.content).iter_parts()
+    message = parsed(accepted.content)
+    assert message.get_boundary() == boundary  # the line the column holds is the real one
+    text, html = message.iter_parts()
     assert f"Dear {hostile}," in text.get_content().replace("\r\n", "\n")
     assert html.get_content_type() == "text/html"
     assert "&lt;b&gt;forged&lt;/b&gt;" in html.get_content()

@@ -42,6 +42,11 @@ def assert_no_faster_than(relay, rate_per_s: float) -> None:
     )
 
 
+def senders(job) -> set[str]:
+    """Name the workers that sent at least one message, as the sent-log records them."""
+    return {line["worker"] for line in job.sent_log() if line["status"] == "sent"}
+
+
 def test_limit_sends_to_the_first_n_and_a_later_run_without_it_sends_the_rest(job, tmp_path):
     rows, source, template = list_and_template(tmp_path, 50)
     first, rest = [r["email"] for r in rows[:20]], [r["email"] for r in rows[20:]]
@@ -72,6 +77,7 @@ def test_the_rate_limit_holds_for_all_workers_together(job, tmp_path):
 
     assert result.returncode == 0, result.stderr
     assert received_counts(job.relay) == dict.fromkeys([r["email"] for r in rows], 1)
+    assert len(senders(job)) >= 2  # a pace is only shared where several workers send
     # Four workers each allowed 20/s would send the 120 in 1.5 s; sharing one pace, they take
     # 119 / 20 s at the least. How close to 20/s it gets is measured in scripts/bench.
     assert_no_faster_than(job.relay, 20)
@@ -228,16 +234,18 @@ def test_an_unreadable_suppression_list_stops_the_run_before_anything_is_sent(jo
 def test_a_paced_run_goes_on_at_its_rate_after_a_worker_is_killed(job, tmp_path):
     rows, source, template = list_and_template(tmp_path, 120)
     log_path = tmp_path / "job.log"
-    args = job.args(source, template, "--workers", "3", "--rate", "40/s")
+    args = job.args(source, template, "--workers", "3", "--rate", "15/s")
 
-    code, _ = kill_a_worker_midway(job, args, log_path)
+    code, victim = kill_a_worker_midway(job, args, log_path)
 
     output = log_path.read_text()
     assert code in (0, 1), output[-3000:]
-    assert "stopped with code" in output  # the worker was killed, and replaced
+    assert f"(pid {victim}) stopped with code" in output
     counts = received_counts(job.relay)
     statuses = job.final_statuses()
     assert all(counts[r["email"]] <= 1 for r in rows)
     assert all(statuses[r["email"]] in ("sent", "in-doubt") for r in rows)
     assert sum(s == "in-doubt" for s in statuses.values()) <= 1
-    assert_no_faster_than(job.relay, 40)
+    # Killed early on, the worker leaves two to go on alone; at 15/s they would take 4 s
+    # if each kept its own pace, or if its replacement started a pace of its own.
+    assert_no_faster_than(job.relay, 15)
