@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from email.utils import parseaddr
 from pathlib import Path
 
-from batch.errors import SourceError
+from batch.errors import SourceError, UsageError
 from batch.recipients import compared_form
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,15 @@ def _address(line: str) -> str:
 
 def add(path: Path, addresses: Iterable[str]) -> int:
     """Append the addresses the file does not hold yet, durably; return how many."""
+    try:
+        return _append_new(path, addresses)
+    except OSError as error:
+        raise UsageError(f"{path}: cannot add to the suppression list: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path}: cannot read the suppression list: {error}") from None
+
+
+def _append_new(path: Path, addresses: Iterable[str]) -> int:
     text = path.read_text(encoding="utf-8-sig") if path.exists() else ""
     known = Suppressions(path, _addresses(path, text.splitlines()))
     new = sorted({compared_form(a) for a in addresses if a not in known})

@@ -219,6 +219,25 @@ def test_addresses_refused_for_good_are_exported_and_then_suppressed(job, tmp_pa
     assert "2 suppressed" in second.stderr
 
 
+def test_an_export_to_a_suppression_list_that_cannot_be_written_ends_with_2_naming_it(
+    job, tmp_path
+):
+    rows, source, template = list_and_template(tmp_path, 3)
+    job.relay.refuse = {"person1@example.com": (550, "5.1.1 no such user")}
+    assert job.run(source, template).returncode == 1
+    unwritable = tmp_path / "no-such-folder" / "suppressed.txt"
+    not_utf8 = tmp_path / "suppressed.txt"
+    not_utf8.write_bytes(b"caf\xe9@example.com\n")
+
+    for path, problem in ((unwritable, "No such file"), (not_utf8, "can't decode byte 0xe9")):
+        exported = report(str(job.folder), "--export-refused", str(path))
+
+        assert exported.returncode == 2, exported.stderr
+        assert "Traceback" not in exported.stderr
+        assert f"{path}: cannot " in exported.stderr and problem in exported.stderr
+    assert not_utf8.read_bytes() == b"caf\xe9@example.com\n"
+
+
 def test_an_unreadable_suppression_list_stops_the_run_before_anything_is_sent(job, tmp_path):
     source = write_csv(tmp_path / "list.csv", people(5))
     template = write_template(tmp_path / "template.txt")
