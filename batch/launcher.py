@@ -378,10 +378,14 @@ class Launcher:
 
 
 def resuming(tally: Tally) -> str:
-    """Say how far earlier runs of the campaign got, for the start banner."""
+    """Say how far earlier runs of the campaign got, for the start banner.
+
+    Only the sent-log is read by then: the list's size is known once the loader read it.
+    """
     if not tally.total:
         return ""
-    return f"; resuming: {tally.done} of {tally.total} recipients settled by earlier runs"
+    again = f", {tally.waiting} to try again" if tally.waiting else ""
+    return f"; resuming: {tally.done} recipients settled by earlier runs{again}"
 
 
 def derive_campaign(settings: Settings, parts: MessageParts) -> str:

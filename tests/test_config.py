@@ -95,6 +95,8 @@ def test_the_documented_default_configuration_names_every_option_and_loads():
     for option in config.OPTIONS:
         assert f"{option.name} =" in text, f"{path} does not document {option.name}"
     assert settings.workers == 8
+    # The file leaves the port to follow the TLS mode, as the option's default does.
+    assert config.load([*REQUIRED, "--config", str(path), "--smtp-tls", "ssl"]).smtp_port == 465
 
 
 def test_a_rate_is_read_per_second_minute_or_hour_and_a_bad_one_is_refused():
