@@ -154,7 +154,8 @@ def _csv_stream(path: Path) -> Iterator[Row]:
     """Read a CSV file's rows in one pass."""
     try:
         with path.open(encoding="utf-8-sig", newline="") as file:
-            reader = csv.reader(file, delimiter=_sniff_delimiter(file))
+            # Strict: a quote left open would swallow the rows below it into one value.
+            reader = csv.reader(file, delimiter=_sniff_delimiter(file), strict=True)
             yield from _rows_from(path, _csv_records(path, reader))
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
@@ -186,7 +187,9 @@ def _csv_records(path: Path, reader) -> Iterator[tuple[int, list[str]]]:
                 yield start, record
             start = reader.line_num + 1
     except csv.Error as error:
-        raise SourceError(f"{path}: line {reader.line_num}: cannot parse: {error}") from None
+        raise SourceError(
+            f"{path}: line {start}: cannot parse: {error} (a quote left open?)"
+        ) from None
 
 
 def _too_wide(path: Path, line: int, width: int, header_width: int, delimiter: str) -> SourceError:

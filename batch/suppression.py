@@ -82,8 +82,19 @@ def _addresses(path: Path, lines: list[str]) -> list[str]:
     column = _csv_column(path, lines)
     if column is None:
         return [address for line in lines if (address := _address(line))]
-    rows = csv.reader(lines[1:])
-    return [row[column] for row in rows if len(row) > column and row[column].strip()]
+    # Strict: a quote left open would otherwise swallow the addresses below it unnoticed.
+    rows = csv.reader(lines[1:], strict=True)
+    addresses, start = [], 2  # the file's line where the next record starts
+    try:
+        for row in rows:
+            if len(row) > column and row[column].strip():
+                addresses.append(row[column])
+            start = rows.line_num + 2
+    except csv.Error as error:
+        raise SourceError(
+            f"{path}: line {start}: not readable as CSV: {error} (a quote left open?)"
+        ) from None
+    return addresses
 
 
 def _csv_column(path: Path, lines: list[str]) -> int | None:

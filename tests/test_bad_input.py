@@ -273,6 +273,20 @@ def test_a_sent_log_saved_in_another_encoding_stops_the_rerun_naming_its_line(jo
     assert received_counts(job.relay) == {row["email"]: 1 for row in people(3)}
 
 
+def test_a_quote_left_open_in_the_list_stops_the_run_before_it_swallows_the_rows_below(
+    job, tmp_path
+):
+    lines = [f"person{n}@example.com,Person {n}" for n in range(10)]
+    lines[2] = 'person2@example.com,"Person 2'
+    (tmp_path / "list.csv").write_text("email,name\n" + "\n".join(lines) + "\n")
+    template = write_template(tmp_path / "template.txt")
+
+    result = job.run(tmp_path / "list.csv", template)
+
+    assert_refused(result, f"{tmp_path / 'list.csv'}: line 4: cannot parse", "quote left open")
+    assert job.relay.count() == 0
+
+
 def test_a_csv_saved_as_utf16_is_refused_with_what_to_do(job, tmp_path):
     (tmp_path / "list.csv").write_bytes("email\nann@example.com\n".encode("utf-16"))
     template = write_template(tmp_path / "template.txt", PLAIN_TEMPLATE)
@@ -354,6 +368,16 @@ def test_a_query_that_fails_stops_the_run_with_sqlites_reason(job, tmp_path):
 
 
 # Templates and configuration.
+
+
+def test_a_relay_host_that_is_no_host_name_stops_the_run_naming_it(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(2))
+    template = write_template(tmp_path / "template.txt")
+
+    result = job.run(source, template, "--smtp-host", "relay..example.com")
+
+    assert_refused(result, "relay smtp://relay..example.com:", "not a host name")
+    assert job.relay.count() == 0
 
 
 def test_a_missing_template_stops_the_run_naming_it(job, tmp_path):
