@@ -10,6 +10,7 @@ from the keyring, as yagmail stores it.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import tomllib
@@ -44,10 +45,17 @@ def _positive(value: str) -> int:
     return number
 
 
+def _port(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 65535:
+        raise ValueError("must be a port number, 1 to 65535")
+    return number
+
+
 def _seconds(value: str) -> float:
     number = float(value)
-    if number <= 0:
-        raise ValueError("must be more than 0 seconds")
+    if not 0 < number < math.inf:  # also false for NaN
+        raise ValueError("must be a number of seconds, more than 0")
     return number
 
 
@@ -61,7 +69,7 @@ def _rate(value: str) -> float:
         number = float(count)
     except ValueError:
         number = 0.0
-    if not slash or unit.lower() not in RATE_UNITS_S or number <= 0:
+    if not slash or unit.lower() not in RATE_UNITS_S or not 0 < number < math.inf:
         raise ValueError("must be a number of messages per s, min or h, such as 300/min")
     rate_per_s = number / RATE_UNITS_S[unit.lower()]
     if rate_per_s < SLOWEST_RATE_PER_S:
@@ -100,7 +108,7 @@ OPTIONS = (
     Option("state_dir", Path, Path("state"), "where DIR/<campaign>/sent-log.csv and co. live"),
     Option("amqp_url", str, "amqp://guest:guest@127.0.0.1:5672/%2F", "the RabbitMQ broker"),
     Option("smtp_host", str, "localhost", "the SMTP relay's host"),
-    Option("smtp_port", _positive, None, "the relay's port (default: 25, 587 or 465 by TLS)"),
+    Option("smtp_port", _port, None, "the relay's port (default: 25, 587 or 465 by TLS)"),
     Option("smtp_tls", _choice("none", "starttls", "ssl"), "starttls", "none, starttls or ssl"),
     Option("smtp_user", str, "", "the relay login (password: $MASSMAIL_SMTP_PASSWORD)"),
     Option("smtp_verify", _boolean, True, "verify the relay's TLS certificate"),
@@ -238,6 +246,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             data = tomllib.load(file)
     except OSError as error:
         raise UsageError(f"{path}: cannot read the configuration: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path}: the configuration is not UTF-8: {error}") from None
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"{path}: not valid TOML: {error}") from None
     unknown = sorted(set(data) - set(BY_NAME))

@@ -108,6 +108,8 @@ class Mailer:
             raise UsageError(
                 f"relay {relay}: its certificate is not trusted: {error.verify_message}"
             ) from None
+        except UnicodeError as error:  # from the IDNA encoding of the host name
+            raise UsageError(f"relay {relay}: not a host name: {error}") from None
         except (OSError, smtplib.SMTPException) as error:
             raise Unavailable(f"relay {relay}: cannot connect: {_describe(error)}") from None
         self._client = client

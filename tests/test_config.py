@@ -57,6 +57,31 @@ def test_a_bad_value_names_where_it_came_from(monkeypatch):
         config.load(REQUIRED)
 
 
+def test_a_configuration_saved_in_another_encoding_is_refused_naming_the_file(tmp_path):
+    file = tmp_path / "massmail.toml"
+    file.write_bytes("# Relais de la société\nworkers = 3\n".encode("cp1252"))
+
+    result = run_batch([*REQUIRED, "--config", str(file)])
+
+    assert result.returncode == 2, result.stderr
+    assert f"error: {file}: the configuration is not UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_numbers_no_run_can_use_are_refused_naming_the_option():
+    for flag, value in (
+        ("--rate", "nan/s"),
+        ("--rate", "inf/min"),
+        ("--rate", "1e400/h"),
+        ("--smtp-timeout", "nan"),
+        ("--retry-delay", "inf"),
+        ("--smtp-port", "70000"),
+        ("--smtp-port", "0"),
+    ):
+        with pytest.raises(UsageError, match=rf"^{flag}: '{value}': must be"):
+            config.load([*REQUIRED, flag, value])
+
+
 def test_the_password_comes_from_the_environment_and_stays_out_of_the_repr(monkeypatch):
     monkeypatch.setenv("MASSMAIL_SMTP_PASSWORD", "hunter2-secret")
 
