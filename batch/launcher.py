@@ -5,7 +5,6 @@ source -> recipients -> loader -> broker -> worker -> mailer -> sent-log
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import signal
 import sys
@@ -19,6 +18,7 @@ from filelock import FileLock, Timeout
 
 from batch import config
 from batch.broker import Broker, describe, recipient_of
+from batch.campaign import create_folder, derive_name
 from batch.config import Settings
 from batch.dry_run import dry_run
 from batch.errors import (
@@ -26,7 +26,6 @@ from batch.errors import (
     BatchError,
     ExitCode,
     Unavailable,
-    UsageError,
 )
 from batch.ledger import Outcome, Status
 from batch.loader import Loader, message_of
@@ -37,7 +36,7 @@ from batch.pool import WorkerPool
 from batch.progress import Progress, Tally
 from batch.recipients import RecipientList, compared_form
 from batch.sentlog import SentLog
-from batch.source import fingerprint, read_rows
+from batch.source import Row, read_rows
 from batch.suppression import Suppressions
 from batch.throttle import paced_prefetch, paced_workers, start_schedule
 from batch.worker import WorkerSettings
@@ -108,13 +107,15 @@ class Launcher:
         """Check the inputs, hold the campaign's lock, and run it."""
         s = self.settings
         parts = self._message_parts()
-        self._check_columns(parts)
+        first = self._check_columns(parts)
         self.suppressions = Suppressions.read(s.suppress) if s.suppress else None
-        campaign = s.campaign or derive_campaign(s, parts)
+        campaign = s.campaign or derive_name(s, parts)
         composer = parts.composer(campaign)  # refuses a fixed header it cannot write
         if s.dry_run:
             return dry_run(composer, self._recipients(), self.suppressions)
-        folder = campaign_folder(s.state_dir, campaign)
+        if first is not None:
+            composer.check(first.fields, str(s.source))
+        folder = create_folder(s.state_dir, campaign)
 
         lock = FileLock(folder / "run.lock")
         try:
@@ -182,12 +183,13 @@ class Launcher:
             attach=s.attach,
         )
 
-    def _check_columns(self, parts: MessageParts) -> None:
-        """Refuse a part that uses a column the list lacks, before anything is sent."""
+    def _check_columns(self, parts: MessageParts) -> Row | None:
+        """Refuse a part that uses a column the list lacks; return the list's first row."""
         s = self.settings
         first = next(iter(read_rows(s.source, query=s.query, sheet=s.sheet)), None)
         if first is not None:
             parts.check(first.fields, str(s.source))
+        return first
 
     def _recover(self, ledger: SentLog) -> None:
         """Repair what a crash left in the sent-log."""
@@ -386,32 +388,3 @@ def resuming(tally: Tally) -> str:
         return ""
     again = f", {tally.waiting} to try again" if tally.waiting else ""
     return f"; resuming: {tally.done} recipients settled by earlier runs{again}"
-
-
-def derive_campaign(settings: Settings, parts: MessageParts) -> str:
-    """Name a campaign after its list and templates, so the same command resumes it."""
-    digest = hashlib.sha256()
-    digest.update(
-        fingerprint(settings.source, query=settings.query, sheet=settings.sheet).encode()
-    )
-    digest.update(parts.template.text.encode())
-    # What a campaign of plain text alone lacks adds nothing: its name stays what it was.
-    if parts.html is not None:
-        digest.update(b"\0html\0" + parts.html.text.encode())
-    for link in (settings.unsubscribe_url, settings.unsubscribe_mailto):
-        if link:
-            digest.update(b"\0unsubscribe\0" + link.encode())
-    for attachment in parts.attachments:
-        digest.update(b"\0attachment\0" + attachment.part)
-    digest.update(settings.email_column.lower().encode())
-    return f"auto-{digest.hexdigest()[:16]}"
-
-
-def campaign_folder(state_dir: Path, campaign: str) -> Path:
-    """Create the campaign's folder, readable by owner and group only."""
-    folder = state_dir / campaign
-    try:
-        folder.mkdir(mode=0o750, parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"{folder}: cannot create the campaign folder: {error}") from None
-    return folder

@@ -27,6 +27,7 @@ from batch.errors import TemplateError
 from batch.headers import header_line, mailboxes
 from batch.mime import Attachment, Layout, Part, read_attachment
 from batch.recipients import envelope_form
+from batch.rendering import render
 from batch.unsubscribe import Unsubscribe
 
 FORBIDDEN_HEADERS = frozenset({"to", "cc", "bcc", "message-id", "date", "mime-version"})
@@ -73,11 +74,13 @@ class Template:
 
     def _sender(self) -> str:
         """Find the envelope sender in the From header; it must not depend on the row."""
-        for field, template in self.headers:
+        for (field, template), names in zip(self.headers, self.header_variables, strict=True):
             if field.lower() == "from":
                 try:
-                    value = template.render()
-                except jinja2.UndefinedError:
+                    value = render(template, {}, self.name)
+                except TemplateError:
+                    if not names:
+                        raise
                     raise TemplateError(
                         f"{self.name}: the From address must not use list columns"
                     ) from None
@@ -175,19 +178,13 @@ class MessageParts:
 
     def composer(self, campaign: str) -> Composer:
         """Make the composer that stamps these parts for each recipient of a campaign."""
-        try:
-            return Composer(
-                self.template,
-                campaign,
-                html=self.html,
-                unsubscribe=self.unsubscribe,
-                attachments=self.attachments,
-            )
-        except TemplateError:
-            raise
-        except Exception as error:  # an expression that fails for everyone: {{ 1 // 0 }}
-            names = " and ".join(p.name for p in (self.template, self.html) if p is not None)
-            raise TemplateError(f"{names}: cannot be rendered: {error!r}") from None
+        return Composer(
+            self.template,
+            campaign,
+            html=self.html,
+            unsubscribe=self.unsubscribe,
+            attachments=self.attachments,
+        )
 
 
 class Composer:
@@ -213,7 +210,7 @@ class Composer:
         self.campaign = campaign
         self._domain = envelope_form(template.sender).rpartition("@")[2]  # an IDN in ASCII
         self._headers: list[tuple[str, jinja2.Template | None, str]] = [
-            (name, tmpl, "" if names else self._header_line(name, tmpl.render()))
+            (name, tmpl, "" if names else self._header_line(name, self._render(tmpl, {})))
             for (name, tmpl), names in zip(
                 template.headers, template.header_variables, strict=True
             )
@@ -221,10 +218,10 @@ class Composer:
         self._layout = Layout(campaign, html=html is not None, attachments=attachments)
         self._body: Part | None = None  # each body, when it is the same for everyone
         if not template.body_variables:
-            self._body = self._layout.encode(template.body.render())
+            self._body = self._layout.encode(self._render(template.body, {}))
         self._html: Part | None = None
         if html is not None and not html.variables:
-            self._html = self._layout.encode(html.body.render())
+            self._html = self._layout.encode(render(html.body, {}, html.name))
         self._links: list[str] | None = None  # the unsubscribe headers, likewise
         if unsubscribe is not None and not unsubscribe.variables:
             self._links = unsubscribe.headers({})
@@ -239,14 +236,11 @@ class Composer:
         self, recipient: str, fields: Mapping[str, str], message_id: str | None = None
     ) -> Letter:
         """Render the template for one recipient and encode it for SMTP."""
-        try:
-            lines = [
-                static or self._header_line(name, tmpl.render(fields))
-                for name, tmpl, static in self._headers
-            ]
-            text = self._body or self._layout.encode(self.template.body.render(fields))
-        except jinja2.UndefinedError as error:
-            raise TemplateError(f"{self.template.name}: {error.message}") from None
+        lines = [
+            static or self._header_line(name, self._render(tmpl, fields))
+            for name, tmpl, static in self._headers
+        ]
+        text = self._body or self._layout.encode(self._render(self.template.body, fields))
         html = None if self.html is None else self._html_part(self.html, fields)
 
         # The address is validated (no spaces, commas or line breaks), so it goes in as it
@@ -262,6 +256,29 @@ class Composer:
         head = ("\r\n".join(line for line in lines if line) + "\r\n\r\n").encode("utf-8")
         return Letter(self.template.sender, recipient, message_id, head + payload)
 
+    def check(self, row: Mapping[str, str], source: str) -> None:
+        """Render the template's parts for the list's first row, before anything is sent.
+
+        An expression that fails for that row (`{{ name + 1 }}`) most likely fails for
+        every row: it stops the run rather than fail each recipient one by one. A value
+        that renders but makes no header (a Reply-To without an address) is the row's
+        problem, not the template's: it fails that recipient alone, when it is sent.
+        """
+        try:
+            for _, template, static in self._headers:
+                if not static:
+                    self._render(template, row)
+            if self._body is None:
+                self._render(self.template.body, row)
+            if self.html is not None:
+                self._html_part(self.html, row)
+        except TemplateError as error:
+            raise TemplateError(f"{source}, first row: {error}") from None
+
+    def _render(self, template: jinja2.Template, fields: Mapping[str, str]) -> str:
+        """Render a header or the body of the text template."""
+        return render(template, fields, self.template.name)
+
     def _header_line(self, name: str, value: str) -> str:
         """Write one header of the template, naming the template if it cannot be written."""
         try:
@@ -273,10 +290,7 @@ class Composer:
         """Render and encode the HTML body for one recipient, unless it is the same for all."""
         if self._html is not None:
             return self._html
-        try:
-            return self._layout.encode(html.body.render(fields))
-        except jinja2.UndefinedError as error:
-            raise TemplateError(f"{html.name}: {error.message}") from None
+        return self._layout.encode(render(html.body, fields, html.name))
 
     def _now(self) -> str:
         """Format the Date header, once a second."""

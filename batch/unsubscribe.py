@@ -18,6 +18,7 @@ import jinja2.meta
 
 from batch.errors import TemplateError
 from batch.mime import MAX_LINE_BYTES
+from batch.rendering import render
 
 # What RFC 3986 allows in a URI: unreserved and reserved characters, and %XX.
 URI = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
@@ -50,10 +51,7 @@ class Link:
         """Render the link for one recipient; refuse one that would not be a sound URI."""
         if self._static is not None:
             return self._static
-        try:
-            value = self._template.render(fields)
-        except jinja2.UndefinedError as error:
-            raise TemplateError(f"{self.name}: {error.message}") from None
+        value = render(self._template, fields, self.name)
         link = f"{self.scheme}:{value}" if self.scheme == "mailto" else value
 
         if not URI.fullmatch(link):

@@ -149,6 +149,56 @@ def test_a_template_expression_that_fails_for_everyone_stops_the_run_with_2(job,
     assert_refused_and_nothing_sent(job, result, f"{template}: cannot be rendered: ZeroDivision")
 
 
+def test_an_expression_that_fails_for_the_first_row_stops_the_run_naming_row_and_template(
+    job, tmp_path
+):
+    source = write_csv(tmp_path / "list.csv", people(3))
+    bodies = {
+        "Dear {{ name + 1 }},\n": "TypeError",  # a column is text, never a number
+        "Hi {{ name.first }}.\n": "has no attribute 'first'",
+    }
+    for body, problem in bodies.items():
+        template = short_template(tmp_path, "From: Test Sender <sender@example.com>")
+        template.write_text(template.read_text().replace("Hi.\n", body))
+
+        result = job.run(source, template)
+
+        assert_refused_and_nothing_sent(job, result, f"{source}, first row: {template}:", problem)
+
+
+def test_an_expression_that_fails_for_a_later_row_fails_that_recipient_alone(job, tmp_path):
+    rows = [{"email": f"person{n}@example.com", "count": str(n % 3)} for n in range(1, 7)]
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = short_template(tmp_path, "From: Test Sender <sender@example.com>")
+    template.write_text(template.read_text().replace("Hi.", "Share: {{ 60 // count|int }}"))
+
+    result = job.run(source, template)
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    zero = {r["email"] for r in rows if r["count"] == "0"}
+    assert received_counts(job.relay) == {r["email"]: 1 for r in rows if r["email"] not in zero}
+    failed = {r["recipient"]: r for r in job.sent_log() if r["status"] == "failed"}
+    assert set(failed) == zero
+    assert all("cannot be rendered: ZeroDivisionError" in r["smtp_reply"] for r in failed.values())
+
+
+def test_a_from_header_or_link_that_fails_for_everyone_stops_the_run_with_2(job, tmp_path):
+    source = write_csv(tmp_path / "list.csv", people(2))
+    broken_from = short_template(tmp_path, "From: Sender {{ 1 // 0 }} <sender@example.com>")
+
+    result = job.run(source, broken_from)
+
+    assert_refused_and_nothing_sent(job, result, f"{broken_from}: cannot be rendered: ZeroDiv")
+
+    template = short_template(tmp_path, "From: Test Sender <sender@example.com>")
+    link = "https://example.com/u?n={{ 1 // 0 }}"
+
+    result = job.run(source, template, "--unsubscribe-url", link)
+
+    assert_refused_and_nothing_sent(job, result, "--unsubscribe-url: cannot be rendered: ZeroDiv")
+
+
 def test_a_sender_domain_outside_ascii_gives_an_ascii_message_id(job, tmp_path):
     source = write_csv(tmp_path / "list.csv", people(1))
     template = short_template(tmp_path, "From: Bücher <news@bücher.example>")
