@@ -31,7 +31,7 @@ EPILOG = """\
 exit codes:
   0   the report was printed (whatever the campaign's state)
   2   no such campaign, a usage error, or a FILE that cannot be written
-  70  the sent-log cannot be read
+  70  the sent-log or rejected.csv cannot be read
 
 examples:
   python -m batch.report --state-dir state --campaign nightly-2026-12-03
@@ -259,6 +259,8 @@ def count_rejected(path: Path) -> int | None:
             return max(0, sum(1 for _ in csv.reader(file)) - 1)
     except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise BatchError(f"{path}: cannot read the refused rows: {error}") from None
 
 
 # Writing the report.

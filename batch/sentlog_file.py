@@ -95,16 +95,25 @@ class SentLogRows:
 
     def __iter__(self) -> Iterator[dict[str, str]]:
         with self.path.open("rb") as file:
-            for number, fields in enumerate(csv.reader(self._complete(file)), start=1):
-                if number == 1 and fields == list(COLUMNS):
-                    continue
-                self.lines += 1
-                if len(fields) != len(COLUMNS):
-                    raise SentLogError(
-                        f"{self.path}: line {number} has {len(fields)} fields"
-                        f" instead of {len(COLUMNS)}: the file is damaged"
-                    )
-                yield dict(zip(COLUMNS, fields, strict=True))
+            records = csv.reader(self._complete(file))
+            try:
+                yield from self._rows(records)
+            except csv.Error as error:
+                raise SentLogError(
+                    f"{self.path}: line {records.line_num}: {error}: the file is damaged"
+                ) from None
+
+    def _rows(self, records: Iterator[list[str]]) -> Iterator[dict[str, str]]:
+        for number, fields in enumerate(records, start=1):
+            if number == 1 and fields == list(COLUMNS):
+                continue
+            self.lines += 1
+            if len(fields) != len(COLUMNS):
+                raise SentLogError(
+                    f"{self.path}: line {number} has {len(fields)} fields"
+                    f" instead of {len(COLUMNS)}: the file is damaged"
+                )
+            yield dict(zip(COLUMNS, fields, strict=True))
 
     def _complete(self, file: Iterable[bytes]) -> Iterator[str]:
         """Decode each complete line; a line is decoded whole, so no character is split."""

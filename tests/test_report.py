@@ -246,6 +246,39 @@ def test_a_last_line_still_being_written_is_left_for_the_next_look(tmp_path):
     ]
 
 
+def test_campaign_files_saved_back_by_a_spreadsheet_end_the_report_with_70_naming_them(
+    tmp_path,
+):
+    folder = tmp_path / "state" / "spring"
+    folder.mkdir(parents=True)
+    ledger = SentLog(folder / "sent-log.csv", "spring")
+    ledger.claim("p0@example.com", "<0@example.com>")
+    ledger.record("p0@example.com", "<0@example.com>", Outcome(Status.SENT, 250, "ok"))
+    ledger.sync()
+    ledger.close()
+    rejected = folder / "rejected.csv"
+    rejected.write_bytes("row,value,reason\n3,caf\xe9,not a valid address\n".encode("cp1252"))
+
+    result = report(str(folder))
+
+    assert result.returncode == 70, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{rejected}: cannot read the refused rows:" in result.stderr
+
+    # A quote left open swallows the lines below it, which a reader must not take for one.
+    rejected.unlink()
+    with (folder / "sent-log.csv").open("a", encoding="utf-8") as file:
+        file.write('2026-12-03T02:00:00.000+00:00,spring,p1@example.com,failed,550,"5.1.1\n')
+        file.write("2026-12-03T02:00:01.000+00:00,spring,p2@example.com,sent,250,ok,,w\n" * 3000)
+
+    result = report(str(folder))
+
+    assert result.returncode == 70, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{folder / 'sent-log.csv'}: line " in result.stderr
+    assert "the file is damaged" in result.stderr
+
+
 def test_a_campaign_that_does_not_exist_ends_the_report_with_exit_code_2(tmp_path):
     (tmp_path / "state" / "empty").mkdir(parents=True)
 
