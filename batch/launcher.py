@@ -208,6 +208,8 @@ class Launcher:
                 "(see the sent-log; --in-doubt resend sends them again)",
                 len(settled),
             )
+        if self.settings.in_doubt == "resend" and (resent := ledger.resend_in_doubt()):
+            log.warning("%d recipient(s) in doubt are mailed again (--in-doubt resend)", resent)
 
     def _suppress_at_claim(self, ledger: SentLog) -> None:
         """Hand the suppression list to the claim, before any worker takes a message."""
@@ -225,8 +227,7 @@ class Launcher:
         )
 
     def _sent_log(self, folder: Path, campaign: str, *, rebuild: bool = False) -> SentLog:
-        resend = self.settings.in_doubt == "resend"
-        return SentLog(folder / "sent-log.csv", campaign, resend_in_doubt=resend, rebuild=rebuild)
+        return SentLog(folder / "sent-log.csv", campaign, rebuild=rebuild)
 
     def _loader(self, campaign: str, folder: Path, publish_all: bool) -> Loader:
         loader = Loader(
@@ -280,7 +281,6 @@ class Launcher:
             retry_delays_s=s.retry_delays_s,
             max_attempts=s.max_attempts,
             prefetch=self.prefetch,
-            resend_in_doubt=s.in_doubt == "resend",
             verbosity=s.verbosity,
             heartbeat_s=s.amqp_heartbeat,
             reconnect_for_s=s.reconnect_for,

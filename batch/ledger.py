@@ -33,6 +33,9 @@ class Status(StrEnum):
 
 # Never written as an outcome: the loader queued the recipient and nothing has happened yet.
 QUEUED = "queued"
+# Never written as an outcome either: in doubt when this run started, and to be mailed once
+# more (--in-doubt resend). A recipient left in doubt during the run stays in doubt.
+RESEND = "resend"
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from typing import TextIO
 
 from batch.broker import Broker
 from batch.errors import Unavailable
-from batch.ledger import Status
+from batch.ledger import RESEND
 from batch.recipients import Recipient, RecipientList, Rejection
 from batch.sentlog import SentLog
 from batch.sentlog_file import safe_cell
@@ -128,7 +128,7 @@ class Loader:
             message_of(r)
             for r in mailable
             if r.address in unsettled
-            and (r.row > self.publish_after or unsettled[r.address] == Status.IN_DOUBT)
+            and (r.row > self.publish_after or unsettled[r.address] == RESEND)
         ]
         if bodies:
             try:

@@ -37,7 +37,7 @@ class Tally:
     sent: int
     failed: int
     in_doubt: int
-    waiting: int  # queued, claimed or deferred (and in doubt, with --in-doubt resend)
+    waiting: int  # queued, claimed or deferred (or in doubt, to be resent: --in-doubt resend)
     total: int
     suppressed: int = 0
 

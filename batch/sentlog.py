@@ -34,28 +34,24 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from batch.ledger import QUEUED, Outcome, Status, worker_name
+from batch.ledger import QUEUED, RESEND, Outcome, Status, worker_name
 from batch.locking import file_lock
 from batch.recipients import compared_form
-from batch.sentlog_file import SentLogRows, create_or_repair, format_line
+from batch.sentlog_file import SentLogError, SentLogRows, create_or_repair, format_line
 
 
 class SentLog:
     """The campaign's sent-log and its index, opened by one process."""
 
-    def __init__(
-        self, path: Path, campaign: str, *, resend_in_doubt: bool = False, rebuild: bool = False
-    ) -> None:
+    def __init__(self, path: Path, campaign: str, *, rebuild: bool = False) -> None:
         self.path = path
         self.campaign = campaign
         self.worker = worker_name()
         self.torn_bytes = 0
         self._dirty = False
-        self._settled = {Status.SENT, Status.FAILED, Status.SUPPRESSED}
-        if not resend_in_doubt:
-            self._settled.add(Status.IN_DOUBT)
+        self._settled = {Status.SENT, Status.FAILED, Status.SUPPRESSED, Status.IN_DOUBT}
         self._blocking = self._settled | {Status.CLAIMED}
-        self._waiting = [str(s) for s in Status if s not in self._settled] + [QUEUED]
+        self._waiting = [str(s) for s in Status if s not in self._settled] + [QUEUED, RESEND]
         blocking = ", ".join(f"'{status}'" for status in sorted(self._blocking))
         self._claim_sql = (
             f"INSERT INTO recipients VALUES (?, ?, '{Status.CLAIMED}', ?, ?) "
@@ -68,6 +64,8 @@ class SentLog:
             self.torn_bytes = create_or_repair(path)
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND)
         self._lock = file_lock(path, self._fd)
+        if rebuild:
+            _remove_index(path.with_suffix(".index"))
         self._index = _open_index(path.with_suffix(".index"))
         suppressing = self._index.execute("SELECT 1 FROM suppressed LIMIT 1").fetchone()
         self._suppressing = suppressing is not None  # read once: the launcher sets it first
@@ -179,6 +177,19 @@ class SentLog:
         self.sync()
         return [recipient for recipient, _ in settled]
 
+    def resend_in_doubt(self) -> int:
+        """Let every recipient in doubt now be claimed once more; return how many.
+
+        Only those: a recipient whose answer is lost during this run stays in doubt until a
+        person has looked, as a rerun with --in-doubt resend is asked to do.
+        """
+        with self._locked(), self._transaction():
+            cursor = self._index.execute(
+                "UPDATE recipients SET status = ? WHERE status = ?",
+                (RESEND, Status.IN_DOUBT.value),
+            )
+        return cursor.rowcount
+
     def is_final(self, recipient: str) -> bool:
         """Tell whether nothing more will be attempted for this recipient."""
         return self._status(compared_form(recipient)) in self._settled
@@ -259,13 +270,16 @@ class SentLog:
         self._dirty = True
 
     def _append(self, recipient: str, message_id: str, outcome: Outcome) -> None:
-        self._write(recipient, message_id, outcome)
+        # The index first: killed in between, the claim stays the CSV's last line, and the
+        # next start settles it as in doubt. The other way round, the claim the index still
+        # showed open would be settled as in doubt after a recorded 250.
         # An update, not a replace: the spelling the index saw first stays.
         self._index.execute(
             "INSERT INTO recipients VALUES (?, ?, ?, ?, ?) ON CONFLICT (address) DO UPDATE SET "
             "status = excluded.status, worker = excluded.worker, message_id = excluded.message_id",
             (compared_form(recipient), recipient, outcome.status.value, self.worker, message_id),
         )
+        self._write(recipient, message_id, outcome)
 
     def _rebuild_index(self) -> None:
         """Derive every recipient's latest status, and its first spelling, from the CSV."""
@@ -275,10 +289,7 @@ class SentLog:
             first = latest.get(form)
             latest[form] = (first[0] if first else row["recipient"], row)
 
-        # An index written before it knew the compared form has another table: drop it.
         with self._transaction():
-            self._index.execute("DROP TABLE IF EXISTS recipients")
-            _create_recipients(self._index)
             self._index.executemany(
                 "INSERT INTO recipients VALUES (?, ?, ?, ?, ?)",
                 (
@@ -288,23 +299,31 @@ class SentLog:
             )
 
 
+def _remove_index(path: Path) -> None:
+    """Delete the index and its WAL files, so that it is rebuilt from the CSV into a new file.
+
+    It is written without fsync, so a power failure may leave it damaged; nothing of it is
+    needed, and no worker has it open while the launcher starts a run.
+    """
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        try:
+            path.with_name(name).unlink(missing_ok=True)
+        except OSError as error:  # Windows: a report that has it open
+            raise SentLogError(f"{path}: cannot remove the index to rebuild it: {error}") from None
+
+
 def _open_index(path: Path) -> sqlite3.Connection:
     """Open the index in autocommit mode; it is derived data, so it is not fsync'd."""
     index = sqlite3.connect(path, timeout=60, check_same_thread=False, isolation_level=None)
     index.execute("PRAGMA journal_mode = WAL")
     index.execute("PRAGMA synchronous = OFF")
-    _create_recipients(index)
-    index.execute(
-        "CREATE TABLE IF NOT EXISTS suppressed (address TEXT PRIMARY KEY, reason TEXT NOT NULL)"
-        " WITHOUT ROWID"
-    )
-    return index
-
-
-def _create_recipients(index: sqlite3.Connection) -> None:
-    """Create the table of recipients, keyed by compared form, unless it exists."""
     index.execute(
         "CREATE TABLE IF NOT EXISTS recipients (address TEXT PRIMARY KEY, shown TEXT NOT NULL,"
         " status TEXT NOT NULL, worker TEXT, message_id TEXT) WITHOUT ROWID"
     )
     index.execute("CREATE INDEX IF NOT EXISTS by_status ON recipients (status)")
+    index.execute(
+        "CREATE TABLE IF NOT EXISTS suppressed (address TEXT PRIMARY KEY, reason TEXT NOT NULL)"
+        " WITHOUT ROWID"
+    )
+    return index

@@ -66,7 +66,6 @@ class WorkerSettings:
     retry_delays_s: tuple[float, ...]
     max_attempts: int
     prefetch: int
-    resend_in_doubt: bool
     verbosity: int
     heartbeat_s: int
     reconnect_for_s: float  # how long to keep trying a lost broker or relay
@@ -104,9 +103,7 @@ class Worker:
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.done: list[Delivery] = []
         self.sending: tuple[str, str, bool] | None = None  # recipient, Message-ID, mailer called
-        self.ledger: Ledger = SentLog(
-            Path(settings.sent_log), settings.campaign, resend_in_doubt=settings.resend_in_doubt
-        )
+        self.ledger: Ledger = SentLog(Path(settings.sent_log), settings.campaign)
         self.composer = _composer(settings)
         self.mailer = Mailer(settings.relay)
         self.broker = Broker(

@@ -267,6 +267,24 @@ def test_a_torn_last_line_is_cut_with_a_warning_and_nobody_is_mailed_twice(job, 
     assert result.returncode == expected_exit_code(in_doubt), result.stderr[-3000:]
 
 
+def test_an_index_damaged_by_a_power_failure_is_rebuilt_and_the_rerun_mails_the_rest_once(
+    job, tmp_path
+):
+    rows = people(8)
+    template = write_template(tmp_path / "template.txt")
+    first = job.run(write_csv(tmp_path / "list.csv", rows[:5]), template, "--workers", "2")
+    assert first.returncode == 0, first.stderr
+    # The index is written without fsync: after a power failure it may be anything.
+    index = sent_log_path(job).with_suffix(".index")
+    index.write_bytes(b"\0garbage left by a power failure" * 200)
+
+    result = job.run(write_csv(tmp_path / "list.csv", rows), template, "--workers", "2")
+
+    assert result.returncode == 0, result.stderr
+    assert received_counts(job.relay) == {row["email"]: 1 for row in rows}
+    assert "5 settled by an earlier run" in result.stderr
+
+
 def test_a_second_launch_of_a_running_campaign_exits_3_and_the_first_mails_everyone_once(
     slow_job, tmp_path
 ):

@@ -265,6 +265,31 @@ def test_a_message_whose_answer_is_lost_is_in_doubt_and_resent_only_when_asked(j
     assert job.relay.count() == 21
 
 
+def test_with_in_doubt_resend_a_message_whose_answer_is_lost_again_is_not_resent_in_that_run(
+    job, tmp_path
+):
+    source, template, addresses = mailing(tmp_path, 10)
+    doubtful = addresses[3]
+    job.relay.drop_after_data = lambda message: doubtful in message.rcpt_tos
+
+    # In doubt from the start: resending it in the same run would repeat the loss, unseen.
+    first = job.run(source, template, "--workers", "2", "--in-doubt", "resend")
+
+    assert first.returncode == 1, first.stderr
+    assert job.relay.received_by(doubtful) == 1
+    assert statuses(job, doubtful) == ["claimed", "in-doubt"]
+    assert_sent_once(job, [a for a in addresses if a != doubtful])
+
+    # The next run with resend mails it once more, and again leaves it in doubt once.
+    again = job.run(source, template, "--workers", "2", "--in-doubt", "resend")
+
+    assert again.returncode == 1, again.stderr
+    assert "1 recipient(s) in doubt are mailed again" in again.stderr
+    assert job.relay.received_by(doubtful) == 2
+    assert statuses(job, doubtful) == ["claimed", "in-doubt", "claimed", "in-doubt"]
+    assert job.relay.count() == 11
+
+
 def test_an_answer_to_data_without_a_reply_code_is_in_doubt_and_never_taken_for_a_4xx(
     job, tmp_path
 ):
