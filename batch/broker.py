@@ -168,17 +168,29 @@ class Broker:
             raise Unavailable(f"broker {describe(self.url)}: {_reason(error)}") from None
         return total
 
-    def take_dead(self, handle: Callable[[bytes], None]) -> None:
-        """Hand every dead-lettered message to `handle`, acking each after it returns."""
+    def take_dead(self, handle: Callable[[bytes, str], None]) -> None:
+        """Hand every dead-lettered message to `handle` with the broker's reason for it.
+
+        The reason is "rejected" for a message a worker set aside, and "delivery_limit"
+        for one that came back unacked too often (workers that stopped or reconnected
+        while holding it). Each message is acked once `handle` returns.
+        """
         try:
             while True:
-                method, _, body = self._channel.basic_get(self.dead_queue)
+                method, properties, body = self._channel.basic_get(self.dead_queue)
                 if method is None:
                     return
-                handle(body)
+                handle(body, self._death_reason(properties))
                 self._channel.basic_ack(method.delivery_tag)
         except CONNECTION_ERRORS as error:
             raise Unavailable(f"broker {describe(self.url)}: {_reason(error)}") from None
+
+    def _death_reason(self, properties: Any) -> str:
+        """Find why the campaign's queue dead-lettered a message, from its x-death header."""
+        for death in (properties.headers or {}).get("x-death", []):
+            if _text(death.get("queue")) == self.queue:
+                return _text(death.get("reason"))
+        return ""
 
     def delete_queues(self) -> None:
         """Delete the campaign's queues (for tests and finished campaigns)."""
@@ -295,3 +307,8 @@ def _reason(error: BaseException) -> str:
     if isinstance(error, pika.exceptions.AMQPConnectionError) and not str(error):
         text = "cannot connect"
     return text
+
+
+def _text(value: Any) -> str:
+    """Read an AMQP header value as text; pika gives long strings as bytes or str."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")

@@ -336,14 +336,22 @@ class Launcher:
                 last_growth = now
                 self._requeue_lost(ledger, broker)
 
-    def settle_dead_letter(self, ledger: SentLog, body: bytes) -> None:
-        """Record a message the broker set aside as failed, unless it is settled already."""
+    def settle_dead_letter(self, ledger: SentLog, body: bytes, reason: str) -> None:
+        """Record a message the broker set aside as failed, unless it is settled already.
+
+        One the broker took back unacked too often was never answered for: workers that
+        stopped or reconnected held it (a run after run with the relay down, say). Its
+        recipient stays unsettled, and goes out again with the others the queue lost.
+        """
         recipient = recipient_of(body)
         if recipient is None:
             self.unreadable += 1
             log.error("the broker set aside a message that is no recipient's: %.200r", body)
             return
         if ledger.is_final(recipient):
+            return
+        if reason == "delivery_limit":
+            log.warning("%s: its message came back unanswered too often; it goes again", recipient)
             return
         log.error("%s: its message was set aside after repeated failures", recipient)
         reply = "set aside: every worker that took this message failed on it"

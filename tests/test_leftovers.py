@@ -54,14 +54,16 @@ def interrupt_with_a_full_queue(job, source: Path, template: Path, log_path: Pat
     return mailed
 
 
-def queued_messages(job) -> int:
-    """Count the messages waiting in the campaign's queue."""
+def queued_messages(job, queue: str | None = None) -> int:
+    """Count the messages waiting in a queue, by default the campaign's."""
     connection = pika.BlockingConnection(pika.URLParameters(job.amqp_url))
     try:
-        queue = connection.channel().queue_declare(f"massmail.{job.campaign}", passive=True)
+        declared = connection.channel().queue_declare(
+            queue or f"massmail.{job.campaign}", passive=True
+        )
     finally:
         connection.close()
-    return queue.method.message_count
+    return declared.method.message_count
 
 
 def test_a_rerun_with_a_limit_mails_only_the_first_n_though_the_queue_holds_more(job, tmp_path):
@@ -152,3 +154,37 @@ def test_a_rerun_without_the_suppression_list_suppresses_nobody_new(job, tmp_pat
 
     assert result.returncode == 0, result.stderr
     assert received_counts(job.relay) == dict.fromkeys([r["email"] for r in rows], 1)
+
+
+def test_a_message_the_broker_took_back_too_often_is_sent_not_failed(job, tmp_path):
+    rows = people(COUNT)
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+    mailed = interrupt_with_a_full_queue(job, source, template, tmp_path / "first.log")
+
+    # Runs that stop while holding the messages (the relay down night after night) hand
+    # them back unacked each time; past the delivery limit the broker sets them aside.
+    queue, dead_queue = f"massmail.{job.campaign}", f"massmail.{job.campaign}.dead"
+    for _ in range(40):
+        if not queued_messages(job, queue):
+            break
+        connection = pika.BlockingConnection(pika.URLParameters(job.amqp_url))
+        channel = connection.channel()
+        while channel.basic_get(queue)[0] is not None:  # taken, never acked
+            pass
+        connection.close()
+    assert queued_messages(job, dead_queue) == COUNT - len(mailed)
+    # One of them still queued, as the ones handed back less often would be: the rerun then
+    # takes the queue for the list's (the loader publishes nothing again).
+    connection = pika.BlockingConnection(pika.URLParameters(job.amqp_url))
+    channel = connection.channel()
+    method, _, body = channel.basic_get(dead_queue)
+    channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
+    channel.basic_ack(method.delivery_tag)
+    connection.close()
+
+    rerun = job.run(source, template, "--workers", "2")
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert received_counts(job.relay) == dict.fromkeys([r["email"] for r in rows], 1)
+    assert set(job.final_statuses().values()) == {"sent"}
