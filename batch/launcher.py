@@ -21,12 +21,7 @@ from batch.broker import Broker, describe, recipient_of
 from batch.campaign import create_folder, derive_name
 from batch.config import Settings
 from batch.dry_run import dry_run
-from batch.errors import (
-    AlreadyRunning,
-    BatchError,
-    ExitCode,
-    Unavailable,
-)
+from batch.errors import AlreadyRunning, BatchError, ExitCode, Unavailable, UsageError
 from batch.ledger import Outcome, Status
 from batch.loader import Loader, message_of
 from batch.logs import setup_logging
@@ -132,6 +127,8 @@ class Launcher:
     def _run_locked(self, campaign: str, folder: Path, parts: MessageParts) -> ExitCode:
         """Recover, load, send and watch, then sum up."""
         s = self.settings
+        if not (folder / "sent-log.csv").exists():
+            self._refuse_a_queue_of_another_sent_log(campaign, folder)
         ledger = self._sent_log(folder, campaign, rebuild=True)
         self._recover(ledger)
         self._suppress_at_claim(ledger)
@@ -190,6 +187,27 @@ class Launcher:
         if first is not None:
             parts.check(first.fields, str(s.source))
         return first
+
+    def _refuse_a_queue_of_another_sent_log(self, campaign: str, folder: Path) -> None:
+        """Refuse to start a campaign afresh while the broker holds messages of it.
+
+        A run that keeps its sent-log elsewhere (another --state-dir, another host, or a
+        folder since deleted) queued them; a fresh sent-log would mail again everyone
+        that run has mailed.
+        """
+        broker = self._broker(campaign)
+        broker.connect()
+        try:
+            waiting = broker.depth()
+        finally:
+            broker.close()
+        if waiting:
+            raise UsageError(
+                f"campaign {campaign}: the broker holds {waiting} of its messages, but "
+                f"{folder} has no sent-log: they were queued by a run that keeps its sent-log "
+                "elsewhere (another --state-dir or host). Run with that state folder, or name "
+                "a new --campaign"
+            )
 
     def _recover(self, ledger: SentLog) -> None:
         """Repair what a crash left in the sent-log."""

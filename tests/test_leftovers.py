@@ -7,6 +7,7 @@ limit by the recipient's place in the list, the suppression list by the claim.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -188,3 +189,28 @@ def test_a_message_the_broker_took_back_too_often_is_sent_not_failed(job, tmp_pa
     assert rerun.returncode == 0, rerun.stderr
     assert received_counts(job.relay) == dict.fromkeys([r["email"] for r in rows], 1)
     assert set(job.final_statuses().values()) == {"sent"}
+
+
+def test_a_campaign_queued_from_another_state_folder_is_refused_and_mails_nobody_twice(
+    job, tmp_path
+):
+    rows = people(COUNT)
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+    mailed = interrupt_with_a_full_queue(job, source, template, tmp_path / "first.log")
+
+    # The same campaign from another folder (a relative --state-dir run elsewhere, a
+    # second host): its empty sent-log knows nobody the first one mailed.
+    elsewhere = dataclasses.replace(job, state_dir=tmp_path / "elsewhere")
+    refused = elsewhere.run(source, template, "--workers", "2")
+
+    assert refused.returncode == 2, refused.stderr
+    assert f"the broker holds {COUNT - len(mailed)} of its messages" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert job.relay.count() == len(mailed)
+    assert not (elsewhere.folder / "sent-log.csv").exists()  # refused again next time
+
+    resumed = job.run(source, template, "--workers", "2")
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert received_counts(job.relay) == dict.fromkeys([r["email"] for r in rows], 1)
