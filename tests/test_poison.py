@@ -35,6 +35,9 @@ def test_a_message_no_worker_can_handle_is_set_aside_as_failed_and_the_rest_is_s
     rows = people(30)
     source = write_csv(tmp_path / "list.csv", rows)
     template = write_template(tmp_path / "template.txt")
+    # The campaign has begun (with the list's first row), so its queue is its own.
+    first = job.run(write_csv(tmp_path / "first.csv", rows[:1]), template)
+    assert first.returncode == 0, first.stderr
     poison = {"recipient": "broken@example.com", "row": 99, "fields": ["not", "a", "row"]}
     publish_raw(job, [json.dumps(poison).encode(), b"\x00 not even json"])
 
