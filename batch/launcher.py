@@ -141,7 +141,7 @@ class Launcher:
         log.info(
             "campaign %s: list %s, %d workers, relay %s, broker %s, state %s%s",
             campaign, s.source, self.workers, relay.describe(), describe(s.amqp_url), folder,
-            resuming(Tally.of(ledger)),
+            Tally.of(ledger).earlier_runs(),
         )  # fmt: skip
 
         if s.rate:
@@ -403,14 +403,3 @@ class Launcher:
         if tally.failed or tally.in_doubt or self.unreadable:
             return ExitCode.RECIPIENTS_NOT_SENT
         return ExitCode.OK
-
-
-def resuming(tally: Tally) -> str:
-    """Say how far earlier runs of the campaign got, for the start banner.
-
-    Only the sent-log is read by then: the list's size is known once the loader read it.
-    """
-    if not tally.total:
-        return ""
-    again = f", {tally.waiting} to try again" if tally.waiting else ""
-    return f"; resuming: {tally.done} recipients settled by earlier runs{again}"

@@ -59,6 +59,16 @@ class Tally:
         """Count the recipients nothing more will be attempted for."""
         return self.total - self.waiting
 
+    def earlier_runs(self) -> str:
+        """Say how far earlier runs got, for the start banner; nothing for a new campaign.
+
+        Only the sent-log is read by then: the list's size is known once the loader read it.
+        """
+        if not self.total:
+            return ""
+        again = f", {self.waiting} to try again" if self.waiting else ""
+        return f"; resuming: {self.done} recipients settled by earlier runs{again}"
+
 
 class Rate:
     """Recipients settled per second over the last RATE_WINDOW_S seconds."""
