@@ -8,6 +8,7 @@ the address and row where it first appears.
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -128,8 +129,14 @@ def normalise(address: str) -> str:
 
 
 def compared_form(address: str) -> str:
-    """Return the form in which two addresses of one mailbox are equal."""
-    return envelope_form(normalise(address))
+    """Return the form in which two addresses of one mailbox are equal.
+
+    Trimmed, lower-cased, in Unicode's composed form (NFC: an ö typed as o and a combining
+    mark is the ö), and with the domain in ASCII whatever the local part holds, so that
+    jörg@bücher.example and jörg@xn--bcher-kva.example are one recipient.
+    """
+    local, at, domain = unicodedata.normalize("NFC", normalise(address)).rpartition("@")
+    return f"{local}@{_ascii_domain(domain)}" if at else domain
 
 
 def envelope_form(address: str) -> str:
@@ -140,12 +147,19 @@ def envelope_form(address: str) -> str:
     local part with non-ASCII letters still needs a relay that announces SMTPUTF8.
     """
     local, at, domain = address.rpartition("@")
-    if not at or domain.isascii() or not local.isascii():
+    if not at or not local.isascii():
         return address
+    return f"{local}@{_ascii_domain(domain)}"
+
+
+def _ascii_domain(domain: str) -> str:
+    """Write a domain in ASCII (its A-labels); one that cannot be is left as it is."""
+    if domain.isascii():
+        return domain
     try:
-        return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
+        return idna.encode(domain, uts46=True).decode("ascii")
     except idna.IDNAError:
-        return address  # the relay will refuse it and say why
+        return domain  # the relay will refuse it and say why
 
 
 def _fault(value: str, *, allow_smtputf8: bool) -> str | None:

@@ -101,6 +101,22 @@ def test_an_international_address_goes_out_in_utf8_where_the_relay_announces_smt
     assert utf8_job.final_statuses() == {"jörg@bücher.example": "sent"}
 
 
+def test_one_utf8_mailbox_spelled_three_ways_in_a_list_gets_one_message(utf8_job, tmp_path):
+    spellings = [
+        "jörg@bücher.example",
+        "jo\u0308rg@bücher.example",  # the ö as o and a combining mark, as some programs save it
+        "jörg@xn--bcher-kva.example",
+    ]
+    source = write_csv(tmp_path / "list.csv", [{"email": e, "name": "Jörg"} for e in spellings])
+    template = write_template(tmp_path / "template.txt")
+
+    result = utf8_job.run(source, template)
+
+    assert result.returncode == 0, result.stderr
+    assert utf8_job.relay.count() == 1
+    assert {row["reason"] for row in rejected(utf8_job).values()} == {"duplicate of row 2"}
+
+
 def test_without_smtputf8_an_idn_domain_goes_as_punycode_and_a_utf8_local_part_fails(
     job, tmp_path
 ):
