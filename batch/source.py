@@ -184,12 +184,28 @@ def _csv_records(path: Path, reader) -> Iterator[tuple[int, list[str]]]:
                 if not _is_blank(record[header_width:]):
                     delimiter = reader.dialect.delimiter
                     raise _too_wide(path, start, len(record), header_width, delimiter)
+                if reader.line_num > start and _holds_rows(record):
+                    raise SourceError(
+                        f"{path}: lines {start} to {reader.line_num} are one record: a value "
+                        "there runs over several lines and holds an address, as the rows "
+                        "below a quote left open do; close the quote"
+                    )
                 yield start, record
             start = reader.line_num + 1
     except csv.Error as error:
         raise SourceError(
             f"{path}: line {start}: cannot parse: {error} (a quote left open?)"
         ) from None
+
+
+def _holds_rows(record: list[str]) -> bool:
+    """Tell whether a value that runs over several lines holds an address past its first.
+
+    A value may rightly run over lines (a postal address), but one whose later lines hold
+    an @ is most likely rows of the list swallowed by a quote that opens and never closes
+    on its own line, which strict parsing cannot see when a later value ends in a quote.
+    """
+    return any("@" in line for value in record for line in value.splitlines()[1:])
 
 
 def _too_wide(path: Path, line: int, width: int, header_width: int, delimiter: str) -> SourceError:

@@ -87,6 +87,8 @@ def _addresses(path: Path, lines: list[str]) -> list[str]:
     addresses, start = [], 2  # the file's line where the next record starts
     try:
         for row in rows:
+            if rows.line_num + 1 > start:  # no value of a suppression list spans lines
+                raise csv.Error("a quoted value runs over several lines")
             if len(row) > column and row[column].strip():
                 addresses.append(row[column])
             start = rows.line_num + 2

@@ -303,6 +303,35 @@ def test_a_quote_left_open_in_the_list_stops_the_run_before_it_swallows_the_rows
     assert job.relay.count() == 0
 
 
+def test_a_quote_that_a_later_value_closes_stops_the_run_instead_of_hiding_the_rows_between(
+    job, tmp_path
+):
+    lines = [f"Person {n},person{n}@example.com,M" for n in range(8)]
+    lines[1] = '"Person 1,person1@example.com,M'  # opened by mistake...
+    lines[4] = "Person 4 6'2\",person4@example.com,M"  # ...and closed by a height in inches
+    (tmp_path / "list.csv").write_text("name,email,size\n" + "\n".join(lines) + "\n")
+    template = write_template(tmp_path / "template.txt")
+
+    result = job.run(tmp_path / "list.csv", template)
+
+    assert_refused(result, f"{tmp_path / 'list.csv'}: lines 3 to 6 are one record", "quote")
+    assert job.relay.count() == 0
+
+
+def test_a_value_that_rightly_runs_over_lines_is_mailed_like_any_other(job, tmp_path):
+    rows = [
+        {"email": "ann@example.com", "name": "Ann", "address": "1 High Street\nLondon"},
+        {"email": "bob@example.com", "name": "Bob", "address": "2 Low Road"},
+    ]
+    source = write_csv(tmp_path / "list.csv", rows)
+    template = write_template(tmp_path / "template.txt")
+
+    result = job.run(source, template)
+
+    assert result.returncode == 0, result.stderr
+    assert received_counts(job.relay) == {"ann@example.com": 1, "bob@example.com": 1}
+
+
 def test_a_csv_saved_as_utf16_is_refused_with_what_to_do(job, tmp_path):
     (tmp_path / "list.csv").write_bytes("email\nann@example.com\n".encode("utf-16"))
     template = write_template(tmp_path / "template.txt", PLAIN_TEMPLATE)

@@ -147,16 +147,19 @@ def test_a_csv_suppression_list_with_a_quote_left_open_stops_the_run_naming_its_
 ):
     rows, source, template = list_and_template(tmp_path, 10)
     suppress = tmp_path / "suppressed.csv"
-    # The open quote would swallow person5 and person6 into one field, and they be mailed.
-    suppress.write_text(
-        'email,note\nperson4@example.com,"moved\nperson5@example.com,\nperson6@example.com,\n'
-    )
+    # The open quote would swallow person5 and person6 into one field, and they be mailed,
+    # whether it stays open to the end or a later value closes it.
+    for ending, problem in (("", "unexpected end of data"), ("6'2\"", "a quoted value runs over")):
+        suppress.write_text(
+            'email,note\nperson4@example.com,"moved\nperson5@example.com,\n'
+            f"person6@example.com,{ending}\n"
+        )
 
-    result = job.run(source, template, "--suppress", str(suppress))
+        result = job.run(source, template, "--suppress", str(suppress))
 
-    assert result.returncode == 2, result.stderr
-    assert f"{suppress}: line 2: not readable as CSV: unexpected end of data" in result.stderr
-    assert job.relay.count() == 0
+        assert result.returncode == 2, result.stderr
+        assert f"{suppress}: line 2: not readable as CSV: {problem}" in result.stderr
+        assert job.relay.count() == 0
 
 
 def test_a_text_suppression_list_whose_first_line_holds_a_comma_is_not_taken_for_a_csv(
