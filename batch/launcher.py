@@ -337,8 +337,9 @@ class Launcher:
             if code is not None:
                 return code
 
-            remaining = ledger.remaining()
-            if loader.counts.done and not remaining:
+            # Done first: read after the count, it could include a last batch the count missed.
+            loaded = loader.counts.done
+            if loaded and not ledger.remaining():
                 broker.take_dead(partial(self.settle_dead_letter, ledger))
                 return ExitCode.OK
 
@@ -400,6 +401,8 @@ class Launcher:
         self.progress.summary(tally, loader, folder, finished=code is ExitCode.OK)
         if code is not ExitCode.OK:
             return code
+        if tally.waiting:  # never 0 while anyone of this run is still to be mailed
+            return ExitCode.TEMPFAIL
         if tally.failed or tally.in_doubt or self.unreadable:
             return ExitCode.RECIPIENTS_NOT_SENT
         return ExitCode.OK
