@@ -177,18 +177,18 @@ def _csv_records(path: Path, reader) -> Iterator[tuple[int, list[str]]]:
     """Yield (line number, values) of each non-blank record; refuse one wider than the header."""
     header_width = 0
     start = 1
+    delimiter = reader.dialect.delimiter
     try:
         for record in reader:
             if not _is_blank(record):
                 header_width = header_width or len(record)
                 if not _is_blank(record[header_width:]):
-                    delimiter = reader.dialect.delimiter
                     raise _too_wide(path, start, len(record), header_width, delimiter)
-                if reader.line_num > start and _holds_rows(record):
+                if reader.line_num > start and _holds_rows(record, delimiter, header_width):
                     raise SourceError(
                         f"{path}: lines {start} to {reader.line_num} are one record: a value "
-                        "there runs over several lines and holds an address, as the rows "
-                        "below a quote left open do; close the quote"
+                        "there runs over several lines and holds what looks like rows of the "
+                        "list, as a quote opened by mistake does; close the quote"
                     )
                 yield start, record
             start = reader.line_num + 1
@@ -198,14 +198,19 @@ def _csv_records(path: Path, reader) -> Iterator[tuple[int, list[str]]]:
         ) from None
 
 
-def _holds_rows(record: list[str]) -> bool:
-    """Tell whether a value that runs over several lines holds an address past its first.
+def _holds_rows(record: list[str], delimiter: str, width: int) -> bool:
+    """Tell whether a value that runs over several lines holds what looks like rows.
 
-    A value may rightly run over lines (a postal address), but one whose later lines hold
-    an @ is most likely rows of the list swallowed by a quote that opens and never closes
-    on its own line, which strict parsing cannot see when a later value ends in a quote.
+    A value may rightly run over lines (a postal address, or a hostile cell, which the
+    recipients' checks refuse on its own), but a later line with an @ and a delimiter
+    between each of the header's columns is most likely a row of the list, swallowed by a
+    quote that opens in one value and closes in another: strict parsing cannot see that.
     """
-    return any("@" in line for value in record for line in value.splitlines()[1:])
+    return any(
+        "@" in line and line.count(delimiter) >= max(1, width - 1)
+        for value in record
+        for line in value.splitlines()[1:]
+    )
 
 
 def _too_wide(path: Path, line: int, width: int, header_width: int, delimiter: str) -> SourceError:
