@@ -31,6 +31,7 @@ from batch.pool import WorkerPool
 from batch.progress import Progress, Tally
 from batch.recipients import RecipientList, compared_form
 from batch.sentlog import SentLog
+from batch.sentlog_file import SentLogError
 from batch.source import Row, read_rows
 from batch.suppression import Suppressions
 from batch.throttle import paced_prefetch, paced_workers, start_schedule
@@ -71,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings.verbosity)
     try:
         return Launcher(settings).run()
+    except SentLogError as error:  # a rerun meets the same damage until the file is mended
+        log.error("%s; put it back as the job wrote it, then rerun", error)
+        return error.exit_code
     except BatchError as error:
         log.error("%s", error)
         code = error.exit_code

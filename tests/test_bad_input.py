@@ -286,6 +286,8 @@ def test_a_sent_log_saved_in_another_encoding_stops_the_rerun_naming_its_line(jo
     assert result.returncode == 70, result.stderr
     assert "Traceback" not in result.stderr
     assert f"{sent_log}: line {number} is not UTF-8: the file is damaged" in result.stderr
+    assert "put it back as the job wrote it" in result.stderr
+    assert "rerun the same command to resume" not in result.stderr  # it would fail the same way
     assert received_counts(job.relay) == {row["email"]: 1 for row in people(3)}
 
 
