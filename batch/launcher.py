@@ -376,10 +376,9 @@ class Launcher:
         if reason == "delivery_limit":
             log.warning("%s: its message came back unanswered too often; it goes again", recipient)
             return
-        log.error("%s: its message was set aside after repeated failures", recipient)
         reply = "set aside: every worker that took this message failed on it"
-        ledger.record(recipient, "", Outcome(Status.FAILED, None, reply))
-        ledger.sync()
+        if ledger.settle([recipient], Outcome(Status.FAILED, None, reply)):
+            log.error("%s: its message was set aside after repeated failures", recipient)
 
     def _requeue_lost(self, ledger: SentLog, broker: Broker) -> None:
         """Publish again the unsettled recipients the broker no longer holds."""
@@ -392,10 +391,9 @@ class Launcher:
         # The list may spell a recipient otherwise than the sent-log saw it first.
         found = [r for r in self._recipients() if compared_form(r.address) in lost]
         broker.publish(message_of(r) for r in found)
-        for form in lost.keys() - {compared_form(r.address) for r in found}:
-            reason = "no longer in the list, and its queued message was lost"
-            ledger.record(lost[form], "", Outcome(Status.FAILED, None, reason))
-        ledger.sync()
+        gone = [lost[form] for form in lost.keys() - {compared_form(r.address) for r in found}]
+        reason = "no longer in the list, and its queued message was lost"
+        ledger.settle(gone, Outcome(Status.FAILED, None, reason))
 
     # After the run.
 

@@ -29,7 +29,7 @@ from typing import TextIO
 
 from batch.broker import Broker
 from batch.errors import Unavailable
-from batch.ledger import RESEND
+from batch.ledger import RESEND, Outcome, Status
 from batch.recipients import Recipient, RecipientList, Rejection
 from batch.sentlog import SentLog
 from batch.sentlog_file import safe_cell
@@ -146,7 +146,7 @@ class Loader:
         listed = [r.address for r in batch if r.address in self.suppressions]
         if listed:
             reason = self.suppressions.reason
-            newly = self.ledger.suppress(listed, reason)
+            newly = self.ledger.settle(listed, Outcome(Status.SUPPRESSED, None, reason))
             self.counts.suppressed += newly
             self.counts.settled += len(listed) - newly
         return [r for r in batch if r.address not in self.suppressions]

@@ -139,12 +139,15 @@ class SentLog:
                     self._index.executemany("DELETE FROM recipients WHERE address = ?", forget)
         return len(unsettled)
 
-    def suppress(self, recipients: Iterable[str], reason: str) -> int:
-        """Settle every unsettled one of these recipients as suppressed; return how many."""
+    def settle(self, recipients: Iterable[str], outcome: Outcome) -> int:
+        """Record the outcome for each of these recipients not claimed or settled; count them.
+
+        The check and the lines are one step under the lock, so a claim taken meanwhile by
+        a worker keeps its own outcome.
+        """
         forms = {r: compared_form(r) for r in recipients}
         if not forms:
             return 0
-        outcome = Outcome(Status.SUPPRESSED, None, reason)
         with self._locked():
             known = self._known(list(forms.values()))
             unsettled = [r for r, f in forms.items() if known.get(f) not in self._blocking]
