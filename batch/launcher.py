@@ -371,10 +371,11 @@ class Launcher:
             self.unreadable += 1
             log.error("the broker set aside a message that is no recipient's: %.200r", body)
             return
-        if ledger.is_final(recipient):
-            return
         if reason == "delivery_limit":
-            log.warning("%s: its message came back unanswered too often; it goes again", recipient)
+            if not ledger.is_final(recipient):
+                log.warning(
+                    "%s: its message came back unanswered too often; it goes again", recipient
+                )
             return
         reply = "set aside: every worker that took this message failed on it"
         if ledger.settle([recipient], Outcome(Status.FAILED, None, reply)):
